@@ -1,0 +1,25 @@
+"""The decoding loop, the strategies and the Hugging Face drop-in wrapper."""
+
+from .aligned_model import AlignedGenerateOutput, AlignedModel
+from .genarm import GenARM
+from .loop import Decoded, decode
+from .prompts import PromptBatch, left_pad
+from .session import ModelSession
+from .settings import GenerationSettings
+from .strategy import Policy, Sample, Strategy, TokenStrategy
+
+__all__ = [
+    "AlignedModel",
+    "AlignedGenerateOutput",
+    "GenARM",
+    "Decoded",
+    "decode",
+    "PromptBatch",
+    "left_pad",
+    "ModelSession",
+    "GenerationSettings",
+    "Policy",
+    "Sample",
+    "Strategy",
+    "TokenStrategy",
+]

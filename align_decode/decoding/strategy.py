@@ -1,0 +1,110 @@
+"""What a decoding strategy is, and the token-level family that runs the loop with guides.
+
+A strategy turns a batch of prompts and settings into generated rows (num_return_sequences per prompt,
+prompt-major, as `model.generate()` lays them out). Token-level strategies (plain sampling, GenARM,
+tokenwise controlled decoding) only say which guides to mix in and with which weights; the loop does
+the rest. Sequence-level strategies (best-of-N, blockwise CD, Transfer Q*, QAlign) call the loop
+themselves on prepared sessions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .loop import Decoded, decode
+from .prompts import PromptBatch
+from .session import ModelSession
+from .settings import GenerationSettings, validate_ids
+from .vocab import output_width
+
+
+@dataclass
+class Policy:
+    """The frozen model being steered, with its tokenizer."""
+
+    model: Any
+    tokenizer: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def width(self, guides: Sequence[Any] = ()) -> int:
+        """Logits width to decode over: the model's own, or the common width shared with the guides."""
+        widths = [g.width_for(self.model, self.tokenizer) for g in guides]
+        return min(widths) if widths else output_width(self.model)
+
+    def start(self, batch: PromptBatch, width: int | None = None, repeats: int = 1) -> tuple[ModelSession, torch.Tensor]:
+        """Prefill the prompts once, then fork each into `repeats` rows."""
+        session = ModelSession(self.model, vocab_size=width)
+        logits = session.prefill(batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
+        if repeats > 1:
+            index = torch.arange(batch.size, device=self.device).repeat_interleave(repeats)
+            session.select(index)
+            logits = logits[index]
+        return session, logits
+
+
+class Strategy(ABC):
+    """Base class of every decoding method. Subclasses validate their arguments in __init__."""
+
+    name: str = "strategy"
+    # Whether run() feeds settings.streamer token by token; otherwise the final rows are streamed at the end.
+    streams: bool = False
+
+    @abstractmethod
+    def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
+        """Generate settings.num_return_sequences rows per prompt."""
+
+    def hyperparameters(self) -> dict:
+        """The method's settings, for logs and output files."""
+        return {}
+
+
+class TokenStrategy(Strategy):
+    """A strategy that mixes token-level guides into the policy every step."""
+
+    streams = True
+
+    def guides(self) -> Sequence[Any]:
+        return ()
+
+    def mixing(self, settings: GenerationSettings) -> tuple[float, list[float]]:
+        """(policy temperature, one weight per guide) for these settings."""
+        return settings.temperature, []
+
+    def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
+        guides = list(self.guides())
+        n = settings.num_return_sequences
+        width = policy.width(guides)
+        validate_ids(settings.stop_ids, width, "eos_token_id")
+        validate_ids([settings.pad_id], width, "pad_token_id")
+        rows_batch = batch.repeat_interleave(n)
+        session, logits = policy.start(batch, width, repeats=n)
+        states = [g.start(rows_batch, width) for g in guides]
+        temperature, weights = self.mixing(settings)
+        device = logits.device
+        seeds = settings.row_seeds(batch.size, n, device)
+        w = torch.tensor(weights, dtype=torch.float32, device=device).expand(rows_batch.size, len(guides))
+        return decode(
+            session,
+            logits,
+            states,
+            w if guides else None,
+            rows=settings.rows(seeds, temperature),
+            max_new_tokens=settings.max_new_tokens,
+            stop_ids=settings.stop_ids,
+            pad_id=settings.pad_id,
+            output_scores=settings.output_scores,
+            streamer=settings.streamer,
+        )
+
+
+class Sample(TokenStrategy):
+    """Plain decoding from the policy (greedy or sampled): the baseline every method is compared with."""
+
+    name = "sample"

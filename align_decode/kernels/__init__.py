@@ -1,0 +1,7 @@
+"""Per-step kernels: mixing policy and guide scores with sampling, behind one dispatch function."""
+
+from .dispatch import sample_next
+from .reference import SampleOutput, mix_scores
+from .rows import SamplingRows, derive_seeds, row_uniform
+
+__all__ = ["sample_next", "SampleOutput", "SamplingRows", "mix_scores", "derive_seeds", "row_uniform"]
