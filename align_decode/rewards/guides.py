@@ -147,8 +147,11 @@ class PromptedARM(ARM):
             return self.template(prompt_text)
         if self._turn is not None:
             turn, gen = self._turn
-            if gen and prompt_text.endswith(gen):
-                return prompt_text[: len(prompt_text) - len(gen)] + turn + gen
+            # Decoded text may lose the template's trailing whitespace: match the generation prompt without it.
+            gen, head = gen.rstrip(), prompt_text.rstrip()
+            if gen and head.endswith(gen):
+                cut = len(head) - len(gen)
+                return prompt_text[:cut] + turn + prompt_text[cut:]
         bos = self.tokenizer.bos_token
         if bos and prompt_text.startswith(bos):
             return bos + self.instruction + "\n\n" + prompt_text[len(bos) :]
