@@ -15,9 +15,10 @@ CHAT_TEMPLATE = (
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 2,
-               init: float = 0.3, **overrides) -> LlamaForCausalLM:
+               init: float = 0.3, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
     """A 2-layer random Llama (head_dim 32, which vLLM's CPU backend also accepts), peaked enough that
-    greedy ties are unlikely."""
+    greedy ties are unlikely. float64 makes cached and from-scratch forwards agree to ~1e-12, so tests
+    of a formula are not blurred by float32 noise in the forward pass."""
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -34,7 +35,7 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, layers: int = 2, hidden: int
         **overrides,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
     model.generation_config.bos_token_id = BOS

@@ -52,8 +52,9 @@ def mix_scores(
 
 def _log_normalise(z: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    # A fully masked row (every score -inf) stays all -inf instead of turning into NaN.
-    return torch.where(torch.isfinite(lse), z - lse, torch.full_like(z, float("-inf")))
+    # A fully masked row (every score -inf) stays all -inf instead of turning into NaN; a NaN stays NaN
+    # so the loop can name it.
+    return torch.where(lse == float("-inf"), torch.full_like(z, float("-inf")), z - lse)
 
 
 def truncate(logp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

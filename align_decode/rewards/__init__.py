@@ -1,6 +1,30 @@
 """Rewards: sequence-level rewards, token-level guides and their trainers."""
 
+from .answers import ExactMatchReward, answers_match, extract_answer
 from .base import SequenceReward
+from .classifier import ClassifierReward
+from .combine import Clamp, LogSigmoidTransform, WeightedSum
+from .constraints import KeywordReward, LengthReward, RegexReward
+from .function import CallableReward
 from .guides import ARM, LMGuide, PromptedARM
+from .offline import NonToxicityReward, SentimentReward
 
-__all__ = ["SequenceReward", "ARM", "LMGuide", "PromptedARM"]
+__all__ = [
+    "SequenceReward",
+    "ARM",
+    "LMGuide",
+    "PromptedARM",
+    "CallableReward",
+    "ClassifierReward",
+    "SentimentReward",
+    "NonToxicityReward",
+    "LengthReward",
+    "KeywordReward",
+    "RegexReward",
+    "ExactMatchReward",
+    "extract_answer",
+    "answers_match",
+    "WeightedSum",
+    "Clamp",
+    "LogSigmoidTransform",
+]

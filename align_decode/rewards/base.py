@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -45,3 +46,44 @@ class SequenceReward(ABC):
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         return self.score(prompts, completions)
+
+    # Sugar for weighted sums: `a + b`, `a - b`, `0.5 * a`, `-a` and `sum([a, b])` all build a
+    # `WeightedSum` (imported late: combine.py subclasses this class).
+    def _terms(self, weight: float = 1.0) -> list:
+        from .combine import WeightedSum
+
+        if isinstance(self, WeightedSum):
+            return [(r, w * weight) for r, w in self.terms]
+        return [(self, weight)]
+
+    def __add__(self, other):
+        if not isinstance(other, SequenceReward):
+            return NotImplemented
+        from .combine import WeightedSum
+
+        return WeightedSum(self._terms() + other._terms())
+
+    def __radd__(self, other):
+        # sum() starts from the integer 0
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
+    def __sub__(self, other):
+        if not isinstance(other, SequenceReward):
+            return NotImplemented
+        from .combine import WeightedSum
+
+        return WeightedSum(self._terms() + other._terms(-1.0))
+
+    def __mul__(self, weight):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            return NotImplemented
+        from .combine import WeightedSum
+
+        return WeightedSum(self._terms(float(weight)))
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return self * -1.0
