@@ -231,3 +231,14 @@ def test_sum_of_logsigmoids_acts_like_and():
     ls = lambda z: -math.log1p(math.exp(-z))
     assert out.tolist() == pytest.approx([2 * ls(1.0), ls(10.0) + ls(-3.0)], abs=1e-6)
     assert out.argmax().item() == 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import align_decode.rewards as rewards
+    from align_decode.rewards import answers, base, constraints, function, offline
+
+    for module in (answers, base, constraints, function, offline):
+        result = doctest.testmod(module, extraglobs=vars(rewards), verbose=False)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

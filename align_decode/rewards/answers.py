@@ -135,7 +135,9 @@ def _extract_option(text: str, options: str) -> str | None:
     return None if best is None else best[1]
 
 
-def extract_answer(text: str, kind: str = "number", *, normalize: bool = True, options: str = DEFAULT_OPTIONS) -> str | None:
+def extract_answer(
+    text: str, kind: str = "number", *, normalize: bool = True, options: str = DEFAULT_OPTIONS
+) -> str | None:
     r"""The final answer stated in `text`, or None when there is none.
 
     Kinds:
@@ -233,7 +235,9 @@ class ExactMatchReward(SequenceReward):
 
     name = "exact_match"
 
-    def __init__(self, answers: AnswerKey, kind: str = "number", tolerance: float = 0.0, options: str = DEFAULT_OPTIONS):
+    def __init__(
+        self, answers: AnswerKey, kind: str = "number", tolerance: float = 0.0, options: str = DEFAULT_OPTIONS
+    ):
         if kind not in ANSWER_KINDS:
             raise ValueError(f"kind must be one of {ANSWER_KINDS}, got {kind!r}")
         if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and tolerance != float("inf")):
@@ -263,7 +267,9 @@ class ExactMatchReward(SequenceReward):
         elif isinstance(ref, str):
             text = ref
         else:
-            raise ValueError(f"reference answer for prompt {prompt[:60]!r} must be a str or number, got {type(ref).__name__}")
+            raise ValueError(
+                f"reference answer for prompt {prompt[:60]!r} must be a str or number, got {type(ref).__name__}"
+            )
         got = extract_answer(text, self.kind, options=self.options)
         if got is None and self.kind == "boxed":
             # a plain LaTeX answer with no \boxed around it
@@ -271,7 +277,9 @@ class ExactMatchReward(SequenceReward):
         if got is None and self.kind == "option" and text.strip().upper() in self.options:
             got = text.strip().upper()
         if got is None:
-            raise ValueError(f"no {self.kind} answer could be read from the reference {text[:60]!r} for prompt {prompt[:60]!r}")
+            raise ValueError(
+                f"no {self.kind} answer could be read from the reference {text[:60]!r} for prompt {prompt[:60]!r}"
+            )
         return got
 
     def reference_answer(self, prompt: str) -> str:

@@ -108,13 +108,18 @@ class ClassifierReward(SequenceReward):
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(_local_folder(tokenizer, "the tokenizer")), local_files_only=True)
+            folder = _local_folder(tokenizer, "the tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         if not callable(tokenizer):
-            raise TypeError(f"tokenizer must be a transformers tokenizer or a local folder, got {type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer must be a transformers tokenizer or a local folder, got {type(tokenizer).__name__}"
+            )
 
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        if max_length is not None and (
+            not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1
+        ):
             raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
         if truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
@@ -128,7 +133,10 @@ class ClassifierReward(SequenceReward):
         elif chat_template is True:
             template = getattr(tokenizer, "chat_template", None)
             if not template:
-                raise ValueError("chat_template=True but the tokenizer has no chat template; pass a template string or chat_template=False")
+                raise ValueError(
+                    "chat_template=True but the tokenizer has no chat template; "
+                    "pass a template string or chat_template=False"
+                )
         elif chat_template is False:
             template = None
         elif isinstance(chat_template, str) and chat_template:
@@ -198,7 +206,9 @@ class ClassifierReward(SequenceReward):
             if isinstance(pad, (list, tuple)):
                 pad = pad[0] if pad else None
         if pad is None:
-            raise ValueError("the reward model config has no pad_token_id and the tokenizer has no pad or EOS token to use")
+            raise ValueError(
+                "the reward model config has no pad_token_id and the tokenizer has no pad or EOS token to use"
+            )
         warnings.warn(
             f"reward model config has no pad_token_id; using {int(pad)} and writing it into the model config "
             "(transformers needs it to find the last token of padded rows)",
@@ -218,7 +228,8 @@ class ClassifierReward(SequenceReward):
         )
 
     def _ids(self, prompt: str, completion: str) -> list[int]:
-        return list(self.tokenizer(self.format(prompt, completion), add_special_tokens=self.add_special_tokens)["input_ids"])
+        text = self.format(prompt, completion)
+        return list(self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
 
     def _prompt_suffix(self, prompt: str, keep: int) -> str:
         """The prompt text from its keep-th token from the end (whole tokens, original characters)."""

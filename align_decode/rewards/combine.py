@@ -54,7 +54,8 @@ class WeightedSum(SequenceReward):
             if not (isinstance(term, tuple) and len(term) == 2):
                 raise TypeError(f"WeightedSum term {i} must be a (reward, weight) pair, got {term!r}")
             reward, weight = term
-            self.terms.append((_check_reward(reward, f"term {i}'s reward"), _check_finite(weight, f"term {i}'s weight")))
+            reward = _check_reward(reward, f"term {i}'s reward")
+            self.terms.append((reward, _check_finite(weight, f"term {i}'s weight")))
         self.name = name or " + ".join(f"{w:g}*{r.name}" for r, w in self.terms)
 
     def _score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -153,7 +154,9 @@ class LogSigmoidTransform(SequenceReward):
             self.default_reference = _check_finite(reference, "reference")
         self.name = f"logsigmoid({reward.name})"
 
-    def fit_reference(self, prompts: Sequence[str], reference_completions: Sequence[Sequence[str] | str]) -> "LogSigmoidTransform":
+    def fit_reference(
+        self, prompts: Sequence[str], reference_completions: Sequence[Sequence[str] | str]
+    ) -> "LogSigmoidTransform":
         """Set r_ref(x) for each prompt from reference completions, and return self.
 
         Args:
