@@ -74,7 +74,7 @@ def decode(
     weights: torch.Tensor | None = None,
     *,
     rows: SamplingRows,
-    max_new_tokens: int,
+    max_new_tokens: int | torch.Tensor,
     stop_ids: Sequence[int] | torch.Tensor = (),
     pad_id: int = 0,
     step_offset: int | torch.Tensor = 0,
@@ -86,6 +86,7 @@ def decode(
     """Decode up to max_new_tokens tokens per row from prepared sessions.
 
     logits: the policy's next-token logits [B, V] for the sessions' current prefixes.
+    max_new_tokens: one limit, or one per row ([B]); a row that reaches its limit ends unstopped.
     weights: [B, R], one weight per guide per row.
     step_offset: the random-stream step of each row's first token ([B] or an int).
     prune_finished: drop finished rows from the sessions (faster). Leave False when the caller keeps
@@ -94,8 +95,10 @@ def decode(
     """
     batch, vocab = logits.shape
     device = logits.device
-    if max_new_tokens < 0:
+    limit = torch.as_tensor(max_new_tokens, dtype=torch.long, device=device).expand(batch).clone()
+    if bool((limit < 0).any()):
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    max_new_tokens = int(limit.max()) if batch else 0
     if not 0 <= pad_id < vocab:
         raise ValueError(f"pad_token_id {pad_id} is outside the vocabulary [0, {vocab})")
     stop = torch.as_tensor(list(stop_ids) if not torch.is_tensor(stop_ids) else stop_ids, dtype=torch.long, device=device)
@@ -109,9 +112,12 @@ def decode(
     scores: list[torch.Tensor] | None = [] if output_scores else None
 
     live = torch.arange(batch, device=device)  # original row of each row still in the sessions
-    done = torch.zeros(batch, dtype=torch.bool, device=device)  # per session row (unpruned mode)
+    done = limit == 0  # per session row: finished (unpruned mode keeps finished rows)
     steps = 0
     for t in range(max_new_tokens):
+        active = ~done
+        if not bool(active.any()):
+            break
         steps += 1
         out = sample_next(
             logits,
@@ -121,7 +127,6 @@ def decode(
             step=offset + t,
             return_logprobs=output_scores,
         )
-        active = ~done
         _check_finite(out.logprob[active], live[active], t)
         new = torch.where(done, torch.full_like(out.tokens, pad_id), out.tokens)
         target = live[active]
@@ -140,7 +145,7 @@ def decode(
 
         ends = active & torch.isin(new, stop)
         stopped[live[ends]] = True
-        done = done | ends
+        done = done | ends | (lengths[live] >= limit[live])
         if t == max_new_tokens - 1 or bool(done.all()):
             break
 

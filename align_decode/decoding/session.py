@@ -178,14 +178,36 @@ class ModelSession:
         """[B, L] logical index of each column in its row's sequence (meaningful where mask is set)."""
         return self.mask.long().cumsum(-1) - 1
 
-    def keep_prefix(self, lengths: torch.Tensor) -> None:
-        """Cut each row back to its first lengths[b] tokens (prompt included) by invalidating columns."""
+    def keep_prefix(self, lengths: torch.Tensor, compact: bool = True) -> None:
+        """Cut each row back to its first lengths[b] tokens (prompt included) by invalidating columns.
+
+        The cut columns stay in the cache until the next compaction, so `restore` can undo the cut;
+        pass compact=False while an undo may still be needed."""
         lengths = lengths.to(self.mask.device)
-        if bool((lengths < 1).any()) or bool((lengths > self.next_pos).any()):
-            raise ValueError("keep_prefix lengths must be between 1 and each row's current length")
+        if bool((lengths < 0).any()) or bool((lengths > self.next_pos).any()):
+            raise ValueError("keep_prefix lengths must be between 0 and each row's current length")
         self.mask = self.mask & (self.logical_positions() < lengths.unsqueeze(-1))
         self.next_pos = lengths.clone()
-        self.maybe_compact()
+        if compact:
+            self.maybe_compact()
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `restore` needs to bring rows back to their current sequences (no cache copy)."""
+        return self.mask.clone(), self.next_pos.clone()
+
+    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> None:
+        """Give the selected rows (bool [B]) back the sequences they had at `snapshot`.
+
+        Valid only if no compaction or select ran since: columns added after the snapshot become
+        invalid for those rows, columns cut since become valid again."""
+        old_mask, old_pos = snapshot
+        grown = self.mask.shape[1] - old_mask.shape[1]
+        if grown < 0 or old_mask.shape[0] != self.mask.shape[0]:
+            raise RuntimeError("restore after a compaction or row change: the snapshot no longer applies")
+        old_mask = torch.nn.functional.pad(old_mask, (0, grown))
+        rows = rows.to(self.mask.device)
+        self.mask = torch.where(rows.unsqueeze(-1), old_mask, self.mask)
+        self.next_pos = torch.where(rows, old_pos, self.next_pos)
 
     def tokens_at(self, logical: torch.Tensor) -> torch.Tensor:
         """The token at logical position logical[b] of each row."""
@@ -193,13 +215,15 @@ class ModelSession:
         return (self.ids * hit).sum(-1)
 
     @torch.no_grad()
-    def resume_at(self, lengths: torch.Tensor) -> torch.Tensor:
+    def resume_at(self, lengths: torch.Tensor, compact: bool = True) -> torch.Tensor:
         """Cut rows to their first lengths[b] tokens and return the logits for the next token.
 
         The logits at an old position are not kept, so the last kept token is fed once more: one token
         per row is recomputed, none of the rest of the prefix."""
+        if bool((lengths < 1).any()):
+            raise ValueError("resume_at needs at least one kept token per row")
         last = self.tokens_at(lengths - 1)
-        self.keep_prefix(lengths - 1)
+        self.keep_prefix(lengths - 1, compact=compact)
         return self.step(last)
 
     def sequences(self) -> list[torch.Tensor]:

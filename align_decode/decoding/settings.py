@@ -9,7 +9,7 @@ honour is an error when the caller set it, and a warning when only the model's s
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -126,6 +126,7 @@ class GenerationSettings:
     return_dict_in_generate: bool = False
     streamer: Any = None
     seeds: torch.Tensor | None = None  # [prompts] base seed per prompt
+    row_offset: int = 0  # index of the first row per prompt (a chunk of a larger sample)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -150,14 +151,16 @@ class GenerationSettings:
         and the row's index among that prompt's n rows, so batch composition never matters."""
         base = self.seeds
         if base is None:
-            # Like model.generate(), follow torch's global RNG when no seed is given.
+            # Like model.generate(), follow torch's global RNG when no seed is given. Callers that draw
+            # several times for one request (chunks) fix the seeds first with `with_fixed_seeds`.
             base = torch.randint(0, 2**62, (prompts,), dtype=torch.long)
         base = torch.as_tensor(base, dtype=torch.long)
         if base.ndim == 0:
             base = base.expand(prompts)
         if base.shape != (prompts,):
             raise ValueError(f"seed must be one int or one per prompt ({prompts}), got shape {tuple(base.shape)}")
-        return derive_seeds(base.repeat_interleave(n), torch.arange(n).repeat(prompts)).to(device)
+        index = torch.arange(self.row_offset, self.row_offset + n).repeat(prompts)
+        return derive_seeds(base.repeat_interleave(n), index).to(device)
 
     def rows(self, seeds: torch.Tensor, temperature: float | torch.Tensor | None = None) -> SamplingRows:
         """Per-row sampling settings for rows with these seeds."""
@@ -172,6 +175,15 @@ class GenerationSettings:
             seed=seeds,
             device=seeds.device,
         )
+
+    def with_fixed_seeds(self, prompts: int) -> "GenerationSettings":
+        """These settings with one explicit seed per prompt (drawn from torch's RNG if none was given)."""
+        if self.seeds is not None:
+            seeds = torch.as_tensor(self.seeds, dtype=torch.long)
+            seeds = seeds.expand(prompts) if seeds.ndim == 0 else seeds
+        else:
+            seeds = torch.randint(0, 2**62, (prompts,), dtype=torch.long)
+        return replace(self, seeds=seeds)
 
     @classmethod
     def resolve(

@@ -80,13 +80,17 @@ class TokenStrategy(Strategy):
     def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
         guides = list(self.guides())
         n = settings.num_return_sequences
+        # Vocabularies are checked for every guide, even one weighted 0 in this call.
         width = policy.width(guides)
         validate_ids(settings.stop_ids, width, "eos_token_id")
         validate_ids([settings.pad_id], width, "pad_token_id")
+        temperature, weights = self.mixing(settings)
+        # A guide weighted 0 adds nothing to the mix: skip its forward passes altogether.
+        kept = [i for i, w in enumerate(weights) if w != 0]
+        guides, weights = [guides[i] for i in kept], [weights[i] for i in kept]
         rows_batch = batch.repeat_interleave(n)
         session, logits = policy.start(batch, width, repeats=n)
         states = [g.start(rows_batch, width) for g in guides]
-        temperature, weights = self.mixing(settings)
         device = logits.device
         seeds = settings.row_seeds(batch.size, n, device)
         w = torch.tensor(weights, dtype=torch.float32, device=device).expand(rows_batch.size, len(guides))
