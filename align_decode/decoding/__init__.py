@@ -1,9 +1,11 @@
 """The decoding loop, the strategies and the Hugging Face drop-in wrapper."""
 
 from .aligned_model import AlignedGenerateOutput, AlignedModel
+from .best_of_n import BestOfN
 from .genarm import GenARM
 from .loop import Decoded, decode
 from .prompts import PromptBatch, left_pad
+from .qalign import QAlign
 from .session import ModelSession
 from .settings import GenerationSettings
 from .strategy import Policy, Sample, Strategy, TokenStrategy
@@ -11,7 +13,9 @@ from .strategy import Policy, Sample, Strategy, TokenStrategy
 __all__ = [
     "AlignedModel",
     "AlignedGenerateOutput",
+    "BestOfN",
     "GenARM",
+    "QAlign",
     "Decoded",
     "decode",
     "PromptBatch",

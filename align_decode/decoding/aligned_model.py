@@ -112,6 +112,12 @@ class AlignedModel:
         settings = GenerationSettings.resolve(
             self.model, self.tokenizer, generation_config, ids.shape[1], streamer=streamer, seed=seed, **kwargs
         )
+        if settings.output_scores and not strategy.gives_scores:
+            raise ValueError(
+                f"output_scores is not available with {strategy.name}: its outputs are chosen among whole "
+                "sequences, not drawn from one per-step law; the drawn tokens' log-probs are in "
+                "output.alignment['logprobs'] with return_dict_in_generate=True"
+            )
         if prompt_texts is not None and len(prompt_texts) != ids.shape[0]:
             raise ValueError(f"{len(prompt_texts)} prompt_texts for {ids.shape[0]} prompts")
         batch = PromptBatch(ids, attention_mask, prompt_texts)

@@ -55,6 +55,8 @@ class Strategy(ABC):
     name: str = "strategy"
     # Whether run() feeds settings.streamer token by token; otherwise the final rows are streamed at the end.
     streams: bool = False
+    # Whether run() can return per-step scores (the full law of each drawn token).
+    gives_scores: bool = False
 
     @abstractmethod
     def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
@@ -69,6 +71,7 @@ class TokenStrategy(Strategy):
     """A strategy that mixes token-level guides into the policy every step."""
 
     streams = True
+    gives_scores = True
 
     def guides(self) -> Sequence[Any]:
         return ()

@@ -1,0 +1,105 @@
+"""Pieces the sequence-level methods share: drawing many candidates per prompt in memory-bounded chunks,
+reading completions out of the loop's output, and scoring them with a sequence reward."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+
+from .loop import Decoded
+from .prompts import PromptBatch
+from .settings import GenerationSettings
+
+
+def completion_ids(decoded: Decoded, rows: Sequence[int] | None = None) -> list[list[int]]:
+    """Each row's generated tokens, up to and including its stop token."""
+    rows = range(decoded.tokens.shape[0]) if rows is None else rows
+    return [decoded.tokens[r, : int(decoded.lengths[r])].tolist() for r in rows]
+
+
+def _checked(values, count: int, name: str) -> torch.Tensor:
+    out = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+    if out.shape != (count,):
+        raise ValueError(f"reward {name!r} returned shape {tuple(out.shape)} for {count} pairs; expected ({count},)")
+    if bool(torch.isnan(out).any()):
+        raise ValueError(f"reward {name!r} returned NaN for pair(s) {torch.isnan(out).nonzero().flatten().tolist()}")
+    return out
+
+
+def score_completions(
+    reward,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    completions: Sequence[Sequence[int]],
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """Rewards [N] for completions (token ids) of the given prompts.
+
+    A reward that reads token ids (it has `score_ids(prompt_ids, completion_ids)`) gets ids; any other
+    reward gets text, decoded without special tokens (so a stop token is not part of the text)."""
+    name = getattr(reward, "name", type(reward).__name__)
+    score_ids = getattr(reward, "score_ids", None)
+    if callable(score_ids):
+        if prompt_ids is None:
+            raise ValueError(f"reward {name!r} scores token ids but no prompt ids were given")
+        return _checked(score_ids(list(prompt_ids), [list(c) for c in completions]), len(completions), name)
+    if tokenizer is None:
+        raise ValueError(f"reward {name!r} reads text: the policy's tokenizer is needed to decode completions")
+    texts = tokenizer.batch_decode([list(c) for c in completions], skip_special_tokens=True)
+    return _checked(reward.score(list(prompt_texts), texts), len(completions), name)
+
+
+def concat_decoded(parts: Sequence[Decoded], pad_id: int) -> Decoded:
+    """Rows of several loop outputs stacked in order (tokens padded to the widest)."""
+    width = max(p.tokens.shape[1] for p in parts)
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Decoded(
+        tokens=torch.cat([pad(p.tokens, pad_id) for p in parts]),
+        lengths=torch.cat([p.lengths for p in parts]),
+        stopped=torch.cat([p.stopped for p in parts]),
+        logprobs=torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+        steps=sum(p.steps for p in parts),
+    )
+
+
+def _chunks(prompts: int, n: int, max_rows: int):
+    """(first prompt, prompt count, first candidate, candidate count) blocks of at most max_rows rows,
+    in prompt-major order."""
+    if n <= max_rows:
+        per = max(1, max_rows // n)
+        for p0 in range(0, prompts, per):
+            yield p0, min(per, prompts - p0), 0, n
+    else:
+        for p0 in range(prompts):
+            for c0 in range(0, n, max_rows):
+                yield p0, 1, c0, min(max_rows, n - c0)
+
+
+def sample_candidates(
+    proposal,
+    policy,
+    batch: PromptBatch,
+    settings: GenerationSettings,
+    n: int,
+    max_rows: int,
+) -> Decoded:
+    """n samples per prompt from a token-level strategy, prompt-major ([B * n] rows), at most max_rows
+    rows per forward pass. A candidate's draws depend on its prompt's seed and its index only, so the
+    chunking never changes what is drawn."""
+    if n < 1:
+        raise ValueError(f"the number of candidates must be >= 1, got {n}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    settings = settings.with_fixed_seeds(batch.size)
+    parts = []
+    for p0, pc, c0, cc in _chunks(batch.size, n, max_rows):
+        index = torch.arange(p0, p0 + pc)
+        sub = replace(settings, num_return_sequences=cc, row_offset=c0, seeds=settings.seeds[index],
+                      output_scores=False, streamer=None)
+        parts.append(proposal.run(policy, batch.select(index), sub))
+    return concat_decoded(parts, settings.pad_id)

@@ -1,0 +1,265 @@
+"""QAlign (Faria & Smith, 2025): Metropolis-Hastings over whole responses.
+
+Target:  pi(y | x) ∝ p(y | x) * exp(r(x, y) / beta),  with p the policy at the sampling temperature.
+
+State 0 is one ordinary sample. Each step, for the current response y of n tokens (stop token included):
+  1. draw an index i uniformly from {0, ..., n-1};
+  2. keep y_<i and draw a new suffix y'_>=i from p(. | x, y_<i) until a stop token or the length cap;
+  3. accept y' with probability min(1, exp(clip((r(y') - r(y)) / beta + log n - log n', ±20))).
+The policy terms cancel because the proposal draws from p itself; the length terms account for the index
+being uniform over a different number of positions in each direction. This is detailed balance with the
+index as an auxiliary variable, so pi is the stationary law (tests check it on an enumerable model).
+
+The kept prefix is never recomputed: each chain keeps its KV cache, the proposal cuts it back to y_<i
+(re-feeding one token for its logits) and a rejected proposal just gets its old columns back.
+
+Official-code compatibility: rewards are clamped to ±40 (reward_clamp) and the log-ratio to ±20
+(log_ratio_clamp). `length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole
+response, as the official code does (responses can then grow along the chain and the target is no
+longer over a fixed set of responses); the default "response" caps the whole response.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from ..kernels import derive_seeds, row_uniform
+from .best_of_n import vote
+from .candidates import score_completions
+from .loop import Decoded, decode
+from .prompts import PromptBatch, left_pad
+from .settings import GenerationSettings, validate_ids
+from .strategy import Strategy
+
+ANSWERS = ("last", "majority", "best")
+LENGTH_CAPS = ("response", "suffix")
+# Substreams of a chain step's seed: which position to cut at, the acceptance draw, the suffix tokens.
+_INDEX, _ACCEPT, _SUFFIX = 0, 1, 2
+
+
+def acceptance_log_ratio(
+    r_new: torch.Tensor,
+    r_old: torch.Tensor,
+    len_new: torch.Tensor,
+    len_old: torch.Tensor,
+    beta: float,
+    clamp: float | None = 20.0,
+) -> torch.Tensor:
+    """log A = (r' - r) / beta + log|y| - log|y'|, clipped to ±clamp (None: no clip)."""
+    log_a = (r_new.double() - r_old.double()) / beta + torch.log(len_old.double()) - torch.log(len_new.double())
+    return log_a if clamp is None else log_a.clamp(-clamp, clamp)
+
+
+def clamp_reward(r: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    return r if clamp is None else r.clamp(-clamp, clamp)
+
+
+class QAlign(Strategy):
+    """Sample from p(y|x) exp(r(x,y)/beta) by Metropolis-Hastings suffix resampling.
+
+    Args:
+        reward: a SequenceReward (text) or an object with `score_ids`.
+        beta: > 0; smaller trusts the reward more. beta -> infinity gives the policy's own law.
+        steps: MH steps per chain (each costs about half a response of decoding and one reward call).
+        chains: independent chains per prompt, run together in one batch.
+        burn_in, thin: which states the majority / best answers read: steps >= burn_in, every thin-th.
+        answer: "last" (each chain's final state), "majority" (vote over extracted answers of the kept
+            states of all chains), or "best" (the highest-reward kept state).
+        extract: text -> answer, for answer="majority".
+        reward_clamp, log_ratio_clamp: the official code's ±40 and ±20; None turns one off.
+        length_cap: "response" (max_new_tokens caps the whole response) or "suffix" (official code).
+        reuse_prefix: keep each chain's KV cache and cut it back (default). False re-runs prompt and kept
+            prefix from scratch every step, as a plain generate() call would: the same chain, slower;
+            it is the baseline of the benchmark.
+
+    Example:
+        >>> strategy = QAlign(reward=PositiveSentiment(), beta=0.5, steps=32)
+        >>> out = AlignedModel(model, tokenizer=tok, strategy=strategy).generate(
+        ...     **inputs, do_sample=True, max_new_tokens=64, return_dict_in_generate=True)
+        >>> out.alignment["trace"]["acceptance_rate"]
+    """
+
+    name = "qalign"
+
+    def __init__(
+        self,
+        reward,
+        beta: float = 1.0,
+        steps: int = 16,
+        chains: int = 1,
+        burn_in: int = 0,
+        thin: int = 1,
+        answer: str = "last",
+        extract: Callable[[str], object] | None = None,
+        reward_clamp: float | None = 40.0,
+        log_ratio_clamp: float | None = 20.0,
+        length_cap: str = "response",
+        reuse_prefix: bool = True,
+    ):
+        if reward is None:
+            raise ValueError("QAlign needs a reward")
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        for name, value, low in (("steps", steps, 0), ("chains", chains, 1), ("burn_in", burn_in, 0), ("thin", thin, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if burn_in > steps:
+            raise ValueError(f"burn_in={burn_in} leaves no state of the {steps} steps")
+        if answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
+        if answer == "majority" and extract is None:
+            raise ValueError("answer='majority' needs extract (text -> answer)")
+        for name, value in (("reward_clamp", reward_clamp), ("log_ratio_clamp", log_ratio_clamp)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+        if length_cap not in LENGTH_CAPS:
+            raise ValueError(f"length_cap must be one of {LENGTH_CAPS}, got {length_cap!r}")
+        self.reward, self.beta, self.steps, self.chains = reward, float(beta), steps, chains
+        self.burn_in, self.thin, self.answer, self.extract = burn_in, thin, answer, extract
+        self.reward_clamp, self.log_ratio_clamp, self.length_cap = reward_clamp, log_ratio_clamp, length_cap
+        self.reuse_prefix = bool(reuse_prefix)
+
+    def hyperparameters(self) -> dict:
+        return {"beta": self.beta, "steps": self.steps, "chains": self.chains, "burn_in": self.burn_in,
+                "thin": self.thin, "answer": self.answer, "reward": getattr(self.reward, "name", None),
+                "reward_clamp": self.reward_clamp, "log_ratio_clamp": self.log_ratio_clamp,
+                "length_cap": self.length_cap}
+
+    # ------------------------------------------------------------------------------------ the chain
+    def _score(self, policy, prompt_texts, prompt_ids, responses) -> torch.Tensor:
+        r = score_completions(self.reward, policy.tokenizer, prompt_texts, responses, prompt_ids)
+        return clamp_reward(r, self.reward_clamp)
+
+    def run(self, policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
+        m = settings.num_return_sequences
+        if self.answer == "last" and m > self.chains:
+            raise ValueError(f"num_return_sequences={m} is more than the {self.chains} chain(s) per prompt")
+        if self.answer != "last" and m > 1:
+            raise ValueError(f"answer={self.answer!r} gives one answer per prompt; num_return_sequences={m}")
+        if settings.max_new_tokens < 1:
+            raise ValueError("QAlign needs max_new_tokens >= 1")
+        settings = settings.with_fixed_seeds(batch.size)
+        width = policy.width()
+        validate_ids(settings.stop_ids, width, "eos_token_id")
+        rows = batch.size * self.chains
+        chain_seeds = settings.row_seeds(batch.size, self.chains)
+        needs_text = not hasattr(self.reward, "score_ids") or self.extract is not None
+        prompt_texts = [t for t in batch.prompt_texts(policy.tokenizer) for _ in range(self.chains)] if needs_text else None
+        prompt_ids = [p.tolist() for p in batch.token_lists() for _ in range(self.chains)]
+
+        session, logits = policy.start(batch, width, repeats=self.chains)
+        device = logits.device
+        cap = settings.max_new_tokens
+        fresh_tokens = 0  # forward tokens of sessions made from scratch (reuse_prefix=False)
+
+        def draw(session, logits, step_seeds, budget):
+            suffix_rows = settings.rows(derive_seeds(step_seeds, _SUFFIX).to(device))
+            return decode(session, logits, rows=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
+                          pad_id=settings.pad_id, prune_finished=not self.reuse_prefix)
+
+        # State 0: one ancestral sample per chain, recorded as accepted.
+        first = draw(session, logits, derive_seeds(chain_seeds, 0), cap)
+        state = [first.tokens[c, : int(first.lengths[c])].tolist() for c in range(rows)]
+        state_lp = [first.logprobs[c, : int(first.lengths[c])].tolist() for c in range(rows)]
+        reward = self._score(policy, prompt_texts, prompt_ids, state)
+        trace = {"states": [list(state)], "state_logprobs": [list(state_lp)], "rewards": [reward.clone()],
+                 "accepted": [torch.ones(rows, dtype=torch.bool)], "indices": [], "proposals": [],
+                 "proposal_rewards": []}
+
+        for k in range(1, self.steps + 1):
+            step_seeds = derive_seeds(chain_seeds, k)
+            n = torch.tensor([len(y) for y in state], dtype=torch.long)
+            # Position to cut at, uniform on {0, ..., n-1}.
+            cut = (row_uniform(step_seeds, _INDEX) * n).floor().long().clamp(max=n - 1)
+            budget = ((cap - cut) if self.length_cap == "response" else torch.full_like(cut, cap)).to(device)
+            if self.reuse_prefix:
+                snap = session.snapshot()
+                logits = session.resume_at(session.prompt_len + cut.to(device), compact=False)
+                suffix = draw(session, logits, step_seeds, budget)
+            else:
+                kept = PromptBatch(*left_pad([p + state[c][: int(cut[c])] for c, p in enumerate(prompt_ids)],
+                                             settings.pad_id, device))
+                fresh, logits = policy.start(kept, width)
+                suffix = draw(fresh, logits, step_seeds, budget)
+                fresh_tokens += fresh.forward_tokens
+            proposal = [state[c][: int(cut[c])] + suffix.tokens[c, : int(suffix.lengths[c])].tolist() for c in range(rows)]
+            r_new = self._score(policy, prompt_texts, prompt_ids, proposal)
+            n_new = torch.tensor([len(y) for y in proposal], dtype=torch.long)
+            log_a = acceptance_log_ratio(r_new, reward, n_new, n, self.beta, self.log_ratio_clamp)
+            accept = torch.log(row_uniform(step_seeds, _ACCEPT)) < log_a
+            if self.reuse_prefix:
+                session.restore(snap, ~accept.to(device))
+                session.maybe_compact()
+            for c in accept.nonzero().flatten().tolist():
+                state[c] = proposal[c]
+                state_lp[c] = state_lp[c][: int(cut[c])] + suffix.logprobs[c, : int(suffix.lengths[c])].tolist()
+            reward = torch.where(accept, r_new, reward)
+            trace["states"].append(list(state))
+            trace["state_logprobs"].append(list(state_lp))
+            trace["rewards"].append(reward.clone())
+            trace["accepted"].append(accept)
+            trace["indices"].append(cut)
+            trace["proposals"].append(proposal)
+            trace["proposal_rewards"].append(r_new)
+
+        rewards = torch.stack(trace["rewards"])  # [steps + 1, rows]
+        accepted = torch.stack(trace["accepted"])
+        trace["rewards"], trace["accepted"] = rewards, accepted
+        trace["acceptance_rate"] = accepted[1:].float().mean(0) if self.steps else torch.zeros(rows)
+        trace["forward_tokens"] = session.forward_tokens + fresh_tokens
+        picks = self._final(policy, rewards, trace["states"], batch.size, m)
+        return self._output(picks, trace, settings, device)
+
+    # ------------------------------------------------------------------------------- final answers
+    def _kept_steps(self) -> list[int]:
+        return [k for k in range(self.burn_in, self.steps + 1) if (k - self.burn_in) % self.thin == 0]
+
+    def _final(self, policy, rewards, states, prompts: int, m: int) -> list[list[tuple[int, int]]]:
+        """For each prompt, the (step, chain row) of each returned state."""
+        if self.answer == "last":
+            return [[(self.steps, b * self.chains + c) for c in range(m)] for b in range(prompts)]
+        kept = self._kept_steps()
+        picks = []
+        for b in range(prompts):
+            cands = [(k, b * self.chains + c) for c in range(self.chains) for k in kept]
+            if self.answer == "best":
+                # Highest reward; the earliest (chain, step) wins ties.
+                best = max(range(len(cands)), key=lambda j: (float(rewards[cands[j]]), -j))
+                picks.append([cands[best]])
+                continue
+            texts = policy.tokenizer.batch_decode([states[k][r] for k, r in cands], skip_special_tokens=True)
+            answers = [self.extract(t) for t in texts]
+            winner, _ = vote(answers)
+            members = [j for j, a in enumerate(answers) if winner is not None and a == winner] or list(range(len(cands)))
+            best = max(members, key=lambda j: (float(rewards[cands[j]]), -j))
+            picks.append([cands[best]])
+        return picks
+
+    def _output(self, picks, trace, settings: GenerationSettings, device) -> Decoded:
+        chosen = [p for per_prompt in picks for p in per_prompt]
+        seqs = [trace["states"][k][r] for k, r in chosen]
+        width = max((len(s) for s in seqs), default=0)
+        tokens = torch.full((len(seqs), width), settings.pad_id, dtype=torch.long)
+        logprobs = torch.zeros(len(seqs), width)
+        for i, (k, r) in enumerate(chosen):
+            tokens[i, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            logprobs[i, : len(seqs[i])] = torch.tensor(trace["state_logprobs"][k][r])
+        stops = set(settings.stop_ids)
+        trace["chains_per_prompt"] = self.chains
+        extras = {
+            "trace": trace,
+            "chosen": [[(k, r - b * self.chains) for k, r in per] for b, per in enumerate(picks)],
+            "rewards": torch.stack([trace["rewards"][k, r] for k, r in chosen]),
+        }
+        return Decoded(
+            tokens=tokens.to(device),
+            lengths=torch.tensor([len(s) for s in seqs], device=device),
+            stopped=torch.tensor([bool(s) and s[-1] in stops for s in seqs], device=device),
+            logprobs=logprobs.to(device),
+            steps=self.steps,
+            extras=extras,
+        )
