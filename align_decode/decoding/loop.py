@@ -24,9 +24,14 @@ from .session import ModelSession
 
 
 class GuideState(Protocol):
-    """A token-level guide's running state for one batch: next-token scores kept in step with the policy."""
+    """A token-level guide's running state for one batch, kept in step with the policy.
 
-    scores: torch.Tensor  # [B, V] scores of every next token for the current prefixes
+    next_scores gets the policy's next-token logits [B, V] and returns the guide's scores [B, V] for the
+    current prefixes: a guide model ignores the logits (its scores come from its own forward pass); a
+    candidate scorer (ARGS, a scalar value model, Transfer Q*) scores only the policy's top-k tokens and
+    gives -inf elsewhere, which restricts the draw to them."""
+
+    def next_scores(self, policy_logits: torch.Tensor) -> torch.Tensor: ...
 
     def advance(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> None: ...
 
@@ -121,7 +126,7 @@ def decode(
         steps += 1
         out = sample_next(
             logits,
-            [g.scores for g in guides],
+            [g.next_scores(logits) for g in guides],
             weights,
             rows,
             step=offset + t,

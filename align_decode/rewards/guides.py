@@ -29,6 +29,9 @@ class LMGuideState:
         self.out_device = out_device
         self.scores = scores.to(out_device)
 
+    def next_scores(self, policy_logits: torch.Tensor) -> torch.Tensor:
+        return self.scores
+
     def advance(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> None:
         dev = self.session.device
         adv = None if advance is None else advance.to(dev)
