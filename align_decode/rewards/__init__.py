@@ -8,6 +8,7 @@ from .constraints import KeywordReward, LengthReward, RegexReward
 from .function import CallableReward
 from .guides import ARM, LMGuide, PromptedARM
 from .offline import NonToxicityReward, SentimentReward
+from .topk_guides import TopKGuide, TopKGuideState
 
 __all__ = [
     "SequenceReward",
@@ -27,4 +28,6 @@ __all__ = [
     "WeightedSum",
     "Clamp",
     "LogSigmoidTransform",
+    "TopKGuide",
+    "TopKGuideState",
 ]
