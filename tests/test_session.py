@@ -109,3 +109,35 @@ def test_vocab_width_is_cut():
     model = tiny_llama(50)
     s = ModelSession(model, vocab_size=40)
     assert s.prefill(torch.tensor([[3, 4]])).shape == (1, 40)
+
+
+def test_merge_rows_takes_each_row_from_the_chosen_session():
+    model = tiny_llama(50, seed=6)
+    a = ModelSession(model)
+    a.prefill(*left_pad([[5, 6], [7], [8, 9, 10]], PAD))
+    b = a.fork(torch.arange(3))
+    b.resume_at(torch.tensor([1, 1, 2]))
+    b.step(torch.tensor([20, 21, 22]))
+    merged = ModelSession.merge_rows(a, b, torch.tensor([True, False, True]))
+    logits = merged.step(torch.tensor([1, 2, 3]))
+    for row, seq in enumerate([[5, 20, 1], [7, 2], [8, 9, 22, 3]]):
+        assert merged.sequences()[row].tolist() == seq
+        torch.testing.assert_close(logits[row], scratch(model, seq), atol=ATOL, rtol=0)
+
+
+def test_parked_rows_come_back_in_order_ready_to_continue():
+    from align_decode.decoding import decode
+    from align_decode.kernels import SamplingRows
+
+    model = tiny_llama(50, seed=7)
+    prompts = [[5, 6], [7], [8, 9, 10], [11]]
+    s = ModelSession(model)
+    logits = s.prefill(*left_pad(prompts, PAD))
+    out = decode(s, logits, rows=SamplingRows.build(4, seed=torch.arange(4)), max_new_tokens=torch.tensor([2, 5, 1, 4]),
+                 pad_id=PAD, prune_finished="park")
+    assert out.lengths.tolist() == [2, 5, 1, 4]
+    nxt = s.step(torch.tensor([3, 3, 3, 3]))
+    for row, p in enumerate(prompts):
+        seq = p + out.tokens[row, : int(out.lengths[row]) - 1].tolist()
+        assert s.sequences()[row].tolist() == seq + [3]
+        torch.testing.assert_close(nxt[row], scratch(model, seq + [3]), atol=ATOL, rtol=0)

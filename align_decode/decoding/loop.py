@@ -86,7 +86,7 @@ def decode(
     output_scores: bool = False,
     output_policy_logprobs: bool = False,
     streamer=None,
-    prune_finished: bool = True,
+    prune_finished: bool | str = True,
 ) -> Decoded:
     """Decode up to max_new_tokens tokens per row from prepared sessions.
 
@@ -94,10 +94,19 @@ def decode(
     max_new_tokens: one limit, or one per row ([B]); a row that reaches its limit ends unstopped.
     weights: [B, R], one weight per guide per row.
     step_offset: the random-stream step of each row's first token ([B] or an int).
-    prune_finished: drop finished rows from the sessions (faster). Leave False when the caller keeps
-        using the sessions afterwards: then every row stays, finished rows just stop advancing, and each
-        session holds its row's prompt and all its tokens but the last one drawn.
+    prune_finished: what happens to finished rows.
+        True ("drop"): they leave the sessions (fastest; the sessions then hold the unfinished rows only).
+        False ("keep"): they stay and stop advancing; every row is still run through each forward.
+        "park" (policy only, no guides): they leave the batch but their caches are set aside and put
+        back at the end, in the original order.
+        With "keep" and "park", each session ends holding every row's prompt and all its tokens but the
+        last one drawn, ready for the caller to continue from.
     """
+    mode = {True: "drop", False: "keep"}.get(prune_finished, prune_finished)
+    if mode not in ("drop", "keep", "park"):
+        raise ValueError(f"prune_finished must be True, False or 'park', got {prune_finished!r}")
+    if mode == "park" and guides:
+        raise ValueError("prune_finished='park' parks the policy's rows only; use False with guides")
     batch, vocab = logits.shape
     device = logits.device
     limit = torch.as_tensor(max_new_tokens, dtype=torch.long, device=device).expand(batch).clone()
@@ -117,6 +126,7 @@ def decode(
     scores: list[torch.Tensor] | None = [] if output_scores else None
 
     live = torch.arange(batch, device=device)  # original row of each row still in the sessions
+    parked: list[tuple[torch.Tensor, ModelSession]] = []  # (original rows, their sessions) set aside
     done = limit == 0  # per session row: finished (unpruned mode keeps finished rows)
     steps = 0
     for t in range(max_new_tokens):
@@ -154,8 +164,11 @@ def decode(
         if t == max_new_tokens - 1 or bool(done.all()):
             break
 
-        if prune_finished and bool(done.any()):
+        if mode != "keep" and bool(done.any()):
             keep = (~done).nonzero().flatten()
+            if mode == "park":
+                finished = done.nonzero().flatten()
+                parked.append((live[finished], policy.fork(finished)))
             policy.select(keep)
             for g in guides:
                 g.select(keep)
@@ -170,6 +183,11 @@ def decode(
 
     if streamer is not None:
         streamer.end()
+    if parked:
+        order = torch.cat([live] + [rows_ for rows_, _ in parked])
+        merged = ModelSession.concat([policy] + [sess for _, sess in parked])
+        merged.select(torch.argsort(order))
+        policy.absorb(merged)
     width = int(lengths.max()) if batch else 0
     return Decoded(
         tokens=tokens[:, :width],

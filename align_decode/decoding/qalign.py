@@ -10,8 +10,8 @@ The policy terms cancel because the proposal draws from p itself; the length ter
 being uniform over a different number of positions in each direction. This is detailed balance with the
 index as an auxiliary variable, so pi is the stationary law (tests check it on an enumerable model).
 
-The kept prefix is never recomputed: each chain keeps its KV cache, the proposal cuts it back to y_<i
-(re-feeding one token for its logits) and a rejected proposal just gets its old columns back.
+The kept prefix is never recomputed: each chain keeps its KV cache; a proposal continues a copy of it cut
+back to y_<i (re-feeding one token for its logits), and the chain keeps whichever cache its MH step keeps.
 
 Official-code compatibility: rewards are clamped to ±40 (reward_clamp) and the log-ratio to ±20
 (log_ratio_clamp). `length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole
@@ -32,6 +32,7 @@ from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode
 from .prompts import PromptBatch, left_pad
+from .session import ModelSession
 from .settings import GenerationSettings, validate_ids
 from .strategy import Strategy
 
@@ -154,18 +155,19 @@ class QAlign(Strategy):
         session, logits = policy.start(batch, width, repeats=self.chains)
         device = logits.device
         cap = settings.max_new_tokens
-        fresh_tokens = 0  # forward tokens of sessions made from scratch (reuse_prefix=False)
 
         def draw(session, logits, step_seeds, budget):
             suffix_rows = settings.rows(derive_seeds(step_seeds, _SUFFIX).to(device))
+            # "park": finished rows leave the batch but keep their caches for the next step.
             return decode(session, logits, rows=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
-                          pad_id=settings.pad_id, prune_finished=not self.reuse_prefix)
+                          pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True)
 
         # State 0: one ancestral sample per chain, recorded as accepted.
         first = draw(session, logits, derive_seeds(chain_seeds, 0), cap)
         state = [first.tokens[c, : int(first.lengths[c])].tolist() for c in range(rows)]
         state_lp = [first.logprobs[c, : int(first.lengths[c])].tolist() for c in range(rows)]
         reward = self._score(policy, prompt_texts, prompt_ids, state)
+        forward_tokens = session.forward_tokens  # every token position run through the policy
         trace = {"states": [list(state)], "state_logprobs": [list(state_lp)], "rewards": [reward.clone()],
                  "accepted": [torch.ones(rows, dtype=torch.bool)], "indices": [], "proposals": [],
                  "proposal_rewards": []}
@@ -177,23 +179,24 @@ class QAlign(Strategy):
             cut = (row_uniform(step_seeds, _INDEX) * n).floor().long().clamp(max=n - 1)
             budget = ((cap - cut) if self.length_cap == "response" else torch.full_like(cut, cap)).to(device)
             if self.reuse_prefix:
-                snap = session.snapshot()
-                logits = session.resume_at(session.prompt_len + cut.to(device), compact=False)
-                suffix = draw(session, logits, step_seeds, budget)
+                # The proposal continues a copy of each chain's cache cut back to y_<i.
+                trial = session.fork(torch.arange(rows, device=device))
+                logits = trial.resume_at(trial.prompt_len + cut.to(device))
+                suffix = draw(trial, logits, step_seeds, budget)
             else:
                 kept = PromptBatch(*left_pad([p + state[c][: int(cut[c])] for c, p in enumerate(prompt_ids)],
                                              settings.pad_id, device))
                 fresh, logits = policy.start(kept, width)
                 suffix = draw(fresh, logits, step_seeds, budget)
-                fresh_tokens += fresh.forward_tokens
+                forward_tokens += fresh.forward_tokens
             proposal = [state[c][: int(cut[c])] + suffix.tokens[c, : int(suffix.lengths[c])].tolist() for c in range(rows)]
             r_new = self._score(policy, prompt_texts, prompt_ids, proposal)
             n_new = torch.tensor([len(y) for y in proposal], dtype=torch.long)
             log_a = acceptance_log_ratio(r_new, reward, n_new, n, self.beta, self.log_ratio_clamp)
             accept = torch.log(row_uniform(step_seeds, _ACCEPT)) < log_a
             if self.reuse_prefix:
-                session.restore(snap, ~accept.to(device))
-                session.maybe_compact()
+                forward_tokens += trial.forward_tokens
+                session = ModelSession.merge_rows(session, trial, accept.to(device))
             for c in accept.nonzero().flatten().tolist():
                 state[c] = proposal[c]
                 state_lp[c] = state_lp[c][: int(cut[c])] + suffix.logprobs[c, : int(suffix.lengths[c])].tolist()
@@ -210,7 +213,7 @@ class QAlign(Strategy):
         accepted = torch.stack(trace["accepted"])
         trace["rewards"], trace["accepted"] = rewards, accepted
         trace["acceptance_rate"] = accepted[1:].float().mean(0) if self.steps else torch.zeros(rows)
-        trace["forward_tokens"] = session.forward_tokens + fresh_tokens
+        trace["forward_tokens"] = forward_tokens
         picks = self._final(policy, rewards, trace["states"], batch.size, m)
         return self._output(picks, trace, settings, device)
 

@@ -7,8 +7,8 @@ gives every method what it needs without recomputing kept tokens:
 - left padding of prompts of different lengths (leading invalid columns);
 - finished rows that stop advancing (the columns fed after they finish are invalid);
 - forking a prefix into many rows (select with repeated indices: best-of-N, rollouts, blocks);
-- cutting rows back to different prefix lengths (QAlign suffix resampling) by invalidating columns,
-  and undoing that cut (a rejected proposal) by validating them again;
+- cutting rows back to different prefix lengths (QAlign suffix resampling) by invalidating columns;
+- merging rows of two sessions (QAlign keeps accepted proposals and rejected old states);
 - compacting away invalid columns when they pile up (a gather, no forward pass).
 
 Positions are logical (count of valid tokens before), so a row's attention and RoPE positions are
@@ -179,10 +179,8 @@ class ModelSession:
         return self.mask.long().cumsum(-1) - 1
 
     def keep_prefix(self, lengths: torch.Tensor, compact: bool = True) -> None:
-        """Cut each row back to its first lengths[b] tokens (prompt included) by invalidating columns.
-
-        The cut columns stay in the cache until the next compaction, so `restore` can undo the cut;
-        pass compact=False while an undo may still be needed."""
+        """Cut each row back to its first lengths[b] tokens (prompt included) by invalidating columns;
+        the cache is compacted when cut columns pile up (unless compact=False)."""
         lengths = lengths.to(self.mask.device)
         if bool((lengths < 0).any()) or bool((lengths > self.next_pos).any()):
             raise ValueError("keep_prefix lengths must be between 0 and each row's current length")
@@ -191,23 +189,26 @@ class ModelSession:
         if compact:
             self.maybe_compact()
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `restore` needs to bring rows back to their current sequences (no cache copy)."""
-        return self.mask.clone(), self.next_pos.clone()
+    def absorb(self, other: "ModelSession") -> None:
+        """Take over another session's rows and cache (same model), in place."""
+        if other.model is not self.model:
+            raise ValueError("absorb needs a session of the same model")
+        self.__dict__.update(other.__dict__)
 
-    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> None:
-        """Give the selected rows (bool [B]) back the sequences they had at `snapshot`.
-
-        Valid only if no compaction or select ran since: columns added after the snapshot become
-        invalid for those rows, columns cut since become valid again."""
-        old_mask, old_pos = snapshot
-        grown = self.mask.shape[1] - old_mask.shape[1]
-        if grown < 0 or old_mask.shape[0] != self.mask.shape[0]:
-            raise RuntimeError("restore after a compaction or row change: the snapshot no longer applies")
-        old_mask = torch.nn.functional.pad(old_mask, (0, grown))
-        rows = rows.to(self.mask.device)
-        self.mask = torch.where(rows.unsqueeze(-1), old_mask, self.mask)
-        self.next_pos = torch.where(rows, old_pos, self.next_pos)
+    @classmethod
+    def merge_rows(cls, first: "ModelSession", second: "ModelSession", take_second: torch.Tensor) -> "ModelSession":
+        """Row b from `second` where take_second[b], else from `first` (same batch size and model)."""
+        take = take_second.to(first.mask.device)
+        if first.batch_size != second.batch_size or take.shape != (first.batch_size,):
+            raise ValueError("merge_rows needs two sessions of the same batch size and one flag per row")
+        if not bool(take.any()):
+            return first
+        if bool(take.all()):
+            return second
+        a, b = (~take).nonzero().flatten(), take.nonzero().flatten()
+        merged = cls.concat([first.fork(a), second.fork(b)])
+        merged.select(torch.argsort(torch.cat([a, b])))
+        return merged
 
     def tokens_at(self, logical: torch.Tensor) -> torch.Tensor:
         """The token at logical position logical[b] of each row."""
