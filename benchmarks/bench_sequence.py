@@ -1,0 +1,132 @@
+"""Sequence-level methods' speed: best-of-N sampling and QAlign's prefix reuse.
+
+1. Best-of-N candidates per second (before scoring) against model.generate(num_return_sequences=N):
+   both sample N full-length candidates per prompt (EOS set to a token SmolLM2 never emits here).
+2. QAlign with prefix reuse (each chain keeps its KV cache; a proposal continues a cut-back copy)
+   against regenerating (prompt and kept prefix re-run from scratch each step, like calling generate()
+   again). Both run the very same chains (same seeds): the drawn tokens are identical, only the work
+   differs. Reported per MH step: wall time and token positions run through the model.
+
+    python benchmarks/bench_sequence.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from align_decode import AlignedModel, QAlign, Sample
+from align_decode.decoding import GenerationSettings, Policy, PromptBatch
+from align_decode.decoding.candidates import sample_candidates
+from align_decode.models import load_model
+from align_decode.rewards import SentimentReward
+
+PROMPTS = [
+    "Describe your morning routine.",
+    "What do you think of rainy days?",
+    "Give me advice on learning to cook.",
+    "Tell me about your favourite book.",
+]
+NEVER = 49151
+
+
+def _encode(tok, n):
+    tok.padding_side = "left"
+    chats = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+    return tok.apply_chat_template(chats, add_generation_prompt=True, return_dict=True, return_tensors="pt",
+                                   padding=True)
+
+
+def bench_best_of_n(model, tok, prompts, n, tokens, repeats):
+    enc = _encode(tok, prompts)
+    batch = PromptBatch(enc["input_ids"], enc["attention_mask"])
+    settings = GenerationSettings(max_new_tokens=tokens, do_sample=True, top_k=0, stop_ids=(NEVER,),
+                                  pad_id=tok.pad_token_id, seeds=torch.arange(prompts))
+    policy = Policy(model, tok)
+    ours = lambda: sample_candidates(Sample(), policy, batch, settings, n, max_rows=prompts * n)  # noqa: E731
+    hf = lambda: model.generate(**enc, max_new_tokens=tokens, do_sample=True, top_k=0,  # noqa: E731
+                                num_return_sequences=n, eos_token_id=NEVER, pad_token_id=tok.pad_token_id)
+    ours(), hf()  # warm-up
+    times = {"model.generate(num_return_sequences=N)": [], "BestOfN candidates": []}
+    for _ in range(repeats):
+        for name, fn in (("model.generate(num_return_sequences=N)", hf), ("BestOfN candidates", ours)):
+            t0 = time.perf_counter()
+            out = fn()
+            times[name].append(time.perf_counter() - t0)
+            rows = out.shape[0] if torch.is_tensor(out) else out.tokens.shape[0]
+            assert rows == prompts * n
+    return {k: prompts * n / statistics.median(v) for k, v in times.items()}
+
+
+def bench_qalign(model, tok, chains_prompts, chains, steps, tokens, repeats):
+    enc = _encode(tok, chains_prompts)
+    reward = SentimentReward()
+    results = {}
+    runs = {}
+    for _ in range(repeats):
+        for reuse in (False, True):
+            aligned = AlignedModel(model, tokenizer=tok, strategy=QAlign(reward, beta=0.5, steps=steps, chains=chains,
+                                                                         reuse_prefix=reuse))
+            base = AlignedModel(model, tokenizer=tok, strategy=QAlign(reward, beta=0.5, steps=0, chains=chains,
+                                                                      reuse_prefix=reuse))
+            kw = dict(**enc, max_new_tokens=tokens, do_sample=True, top_k=0, seed=list(range(chains_prompts)),
+                      return_dict_in_generate=True)
+            t0 = time.perf_counter()
+            start = base.generate(**kw)
+            t1 = time.perf_counter()
+            out = aligned.generate(**kw)
+            t2 = time.perf_counter()
+            tr, tr0 = out.alignment["trace"], start.alignment["trace"]
+            runs.setdefault(reuse, []).append(((t2 - t1) - (t1 - t0), tr["forward_tokens"] - tr0["forward_tokens"], tr))
+    states = {reuse: runs[reuse][0][2]["states"] for reuse in runs}
+    assert states[True] == states[False], "prefix reuse must not change the chain"
+    tr = runs[True][0][2]
+    new_tokens = sum(len(p) - int(c) for props, cuts in zip(tr["proposals"], tr["indices"]) for p, c in zip(props, cuts.tolist()))
+    for reuse in (False, True):
+        wall = statistics.median(r[0] for r in runs[reuse]) / steps
+        fwd = runs[reuse][0][1] / steps
+        results["prefix reuse" if reuse else "regenerate"] = (wall, fwd)
+    results["_suffix_tokens_per_step"] = new_tokens / steps
+    results["_acceptance"] = float(tr["acceptance_rate"].mean())
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bon-n", type=int, default=16)
+    p.add_argument("--bon-prompts", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--qalign-prompts", type=int, default=4)
+    p.add_argument("--qalign-chains", type=int, default=2)
+    p.add_argument("--qalign-steps", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model()
+    print(f"threads={args.threads}, repeats={args.repeats} (median), torch {torch.__version__}\n")
+    print(f"Best-of-N sampling, N={args.bon_n}, {args.tokens} new tokens per candidate\n")
+    print("| prompts | model.generate(num_return_sequences=N) samples/s | BestOfN candidates samples/s | ratio |")
+    print("|---|---|---|---|")
+    for prompts in args.bon_prompts:
+        r = bench_best_of_n(model, tok, prompts, args.bon_n, args.tokens, args.repeats)
+        hf, ours = r["model.generate(num_return_sequences=N)"], r["BestOfN candidates"]
+        print(f"| {prompts} | {hf:.2f} | {ours:.2f} | {ours / hf:.2f}x |")
+    q = bench_qalign(model, tok, args.qalign_prompts, args.qalign_chains, args.qalign_steps, args.tokens, args.repeats)
+    print(f"\nQAlign, {args.qalign_prompts} prompts x {args.qalign_chains} chains, {args.qalign_steps} steps, "
+          f"max_new_tokens={args.tokens}, sentiment reward, beta=0.5; mean new suffix tokens per chain-step "
+          f"{q['_suffix_tokens_per_step'] / (args.qalign_prompts * args.qalign_chains):.1f}, acceptance {q['_acceptance']:.2f}\n")
+    print("| variant | wall s / step | token positions forwarded / step | wall vs regenerate |")
+    print("|---|---|---|---|")
+    base_wall = q["regenerate"][0]
+    for name in ("regenerate", "prefix reuse"):
+        wall, fwd = q[name]
+        print(f"| {name} | {wall:.3f} | {fwd:.0f} | {wall / base_wall:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
