@@ -30,9 +30,18 @@ def sample_next(
     step: torch.Tensor | int = 0,
     noise: torch.Tensor | None = None,
     return_logprobs: bool = False,
+    *,
+    backend: str = "auto",
 ) -> SampleOutput:
     """Mix policy scores [B, V] with guide scores (each [B, V]) under per-row weights [B, R], truncate
-    and draw one token per row. See `kernels.reference` for the exact law."""
+    and draw one token per row. See `kernels.reference` for the exact law.
+
+    backend: "auto" sends CUDA tensors to the Triton kernel (when triton imports) and the rest to the torch
+    reference; "torch" always uses the reference; "triton" always uses the kernel, which on CPU tensors
+    works only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported): for tests.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     batch, vocab = policy.shape
     if rows is None:
         rows = SamplingRows.build(batch, device=policy.device)
@@ -42,8 +51,15 @@ def sample_next(
     for i, g in enumerate(guides):
         if tuple(g.shape) != (batch, vocab):
             raise ValueError(f"guide {i} scores have shape {tuple(g.shape)}, policy has ({batch}, {vocab})")
-    if policy.is_cuda:
+    fused = None
+    if backend == "triton":
+        # Asked for by name: ALIGN_DECODE_DISABLE_TRITON does not apply, and a missing triton is an error.
+        try:
+            from .triton_mix import mix_and_sample_triton as fused
+        except ImportError as err:
+            raise RuntimeError("backend='triton' needs triton: pip install triton==3.7.1") from err
+    elif backend == "auto" and policy.is_cuda:
         fused = _triton_sampler()
-        if fused is not None:
-            return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
+    if fused is not None:
+        return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
     return mix_and_sample_reference(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)

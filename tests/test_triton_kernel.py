@@ -1,0 +1,598 @@
+"""The Triton mix-and-sample kernel (`kernels.triton_mix`) against the torch reference.
+
+Three groups of tests live here:
+
+* Interpreter tests (decorated `@interpreted`) run the kernel on CPU tensors under TRITON_INTERPRET=1.
+  Triton fixes interpreter mode when it is first imported, and by the time this file runs another test
+  may have imported it compiled; so a normal run starts one child pytest on this file with
+  TRITON_INTERPRET=1 (about half a minute) and each interpreter test here reports its child's outcome.
+  A run that already has TRITON_INTERPRET=1 set runs them in-process.
+* Host-side tests: argument checks and dispatch; no kernel launch.
+* GPU tests (`@pytest.mark.gpu`): the compiled kernel, skipped without CUDA.
+
+Shapes are small (the interpreter costs ~30 ms per program), with vocabularies that are not multiples of
+the block and rows split over several programs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from align_decode.kernels import SamplingRows, sample_next
+from align_decode.kernels.reference import mix_and_sample_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+NEG_INF = float("-inf")
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: pip install triton==3.7.1")
+compiled_only = pytest.mark.skipif(IN_INTERPRETER, reason="checks the compiled (non-interpreter) import")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or IN_INTERPRETER or not HAVE_TRITON,
+    reason="needs a CUDA GPU, triton, and TRITON_INTERPRET unset")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running the interpreter tests in a child process
+# --------------------------------------------------------------------------------------------------------
+
+_INTERPRETED: list[str] = []
+
+
+def interpreted(test):
+    """Mark `test` as an interpreter test: the real test in an interpreted process, else a proxy that
+    reports the outcome of the same test in the child run."""
+    _INTERPRETED.append(test.__name__)
+    if IN_INTERPRETER:
+        return needs_triton(test)
+
+    def proxy(interpreter_run):
+        interpreter_run.report(test.__name__)
+
+    proxy.__name__ = proxy.__qualname__ = test.__name__
+    proxy.__doc__ = test.__doc__
+    return needs_triton(proxy)
+
+
+class ChildRun:
+    """Outcomes of the child pytest run, read from its JUnit XML report."""
+
+    def __init__(self, report: Path, proc: subprocess.CompletedProcess):
+        self.output = (proc.stdout + proc.stderr)[-6000:]
+        self.cases: dict[str, ET.Element] = {}
+        if report.exists():
+            for case in ET.parse(report).getroot().iter("testcase"):
+                self.cases[case.get("name")] = case
+
+    def report(self, name: str) -> None:
+        mine = {k: v for k, v in self.cases.items() if k == name or k.startswith(name + "[")}
+        if not mine:
+            pytest.fail(f"{name} did not run in the interpreter child; its output:\n{self.output}")
+        problems = []
+        for case_name, case in mine.items():
+            for tag in ("failure", "error"):
+                found = case.find(tag)
+                if found is not None:
+                    problems.append(f"{case_name} ({tag}):\n{found.text or found.get('message', '')}")
+        if problems:
+            pytest.fail("under TRITON_INTERPRET=1:\n" + "\n\n".join(problems), pytrace=False)
+        if all(v.find("skipped") is not None for v in mine.values()):
+            pytest.skip(next(iter(mine.values())).find("skipped").get("message", "skipped in the child"))
+
+
+@pytest.fixture(scope="module")
+def interpreter_run(request, tmp_path_factory) -> ChildRun:
+    # Run in the child only the interpreter tests this session selected (all of them in a full run).
+    here = Path(__file__).resolve()
+    wanted = sorted({item.name for item in request.session.items
+                     if item.name in _INTERPRETED and Path(str(item.fspath)).resolve() == here})
+    report = tmp_path_factory.mktemp("triton_interpreter") / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", str(here), "-q", "-p", "no:cacheprovider",
+           f"--junitxml={report}", "-k", " or ".join(wanted or _INTERPRETED)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return ChildRun(report, proc)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def kernel(*args, **kwargs):
+    from align_decode.kernels.triton_mix import mix_and_sample_triton
+
+    return mix_and_sample_triton(*args, **kwargs)
+
+
+def scores(batch: int, vocab: int, n_guides: int, dtype=torch.float32, seed: int = 0, device="cpu"):
+    """Random policy logits (spread like an LM's), guide log-probs and per-row weights."""
+    gen = torch.Generator().manual_seed(seed)
+    policy = (3 * torch.randn(batch, vocab, generator=gen)).to(dtype)
+    guides = [torch.log_softmax(2 * torch.randn(batch, vocab, generator=gen), -1).to(dtype) for _ in range(n_guides)]
+    weights = torch.rand(batch, n_guides, generator=gen) * 2
+    return policy.to(device), [g.to(device) for g in guides], weights.to(device)
+
+
+def gumbel(batch: int, vocab: int, seed: int, device="cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(batch, vocab, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    return (-torch.log(-torch.log(u))).float().to(device)
+
+
+def assert_same_draw(out, ref, atol: float = 1e-5):
+    """Same tokens, log-probs within atol, and (when returned) the same kept set and log-probs."""
+    assert out.tokens.dtype == torch.int64 and out.logprob.dtype == torch.float32
+    assert torch.equal(out.tokens.cpu(), ref.tokens.cpu()), \
+        f"kernel {out.tokens.tolist()} vs reference {ref.tokens.tolist()}"
+    assert not out.logprob.isnan().any()
+    torch.testing.assert_close(out.logprob.cpu(), ref.logprob.cpu(), atol=atol, rtol=0)
+    if ref.logprobs is not None:
+        kept, ref_kept = out.logprobs.isfinite().cpu(), ref.logprobs.isfinite().cpu()
+        assert torch.equal(kept, ref_kept), \
+            f"kept per row: kernel {kept.sum(1).tolist()}, reference {ref_kept.sum(1).tolist()}"
+        assert not out.logprobs.isnan().any()
+        torch.testing.assert_close(out.logprobs.cpu(), ref.logprobs.cpu(), atol=atol, rtol=0)
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    stats = pytest.importorskip("scipy.stats")
+    expected = probs.double() * counts.sum()
+    statistic = float(((counts.double() - expected) ** 2 / expected).sum())
+    return float(stats.chi2.sf(statistic, df=len(counts) - 1))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Interpreter tests: the kernel's law, token by token
+# --------------------------------------------------------------------------------------------------------
+
+DRAW_CASES = {
+    # name: (batch, vocab, guides, dtype, block, splits)
+    "fp32-no-guide-V1000-block256": (3, 1000, 0, torch.float32, 256, 1),
+    "bf16-two-guides-V3000-three-splits": (4, 3000, 2, torch.bfloat16, 512, 3),
+    "fp32-one-guide-V4099-two-splits": (3, 4099, 1, torch.float32, 1024, 2),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("case", list(DRAW_CASES))
+def test_supplied_noise_picks_the_reference_token(case):
+    """With the same Gumbel noise the kernel draws the reference's token, with its log-prob, and returns
+    the reference's full log-probs; masks (-inf in the policy or a weighted guide) stay masked."""
+    batch, vocab, n_guides, dtype, block, splits = DRAW_CASES[case]
+    policy, guides, weights = scores(batch, vocab, n_guides, dtype, seed=1)
+    policy[0, ::7] = NEG_INF
+    if n_guides:
+        guides[0][1, 3::5] = NEG_INF
+        weights[0, 0] = 0.0  # a zero weight on some row
+    temperature = [0.7, 1.0, 1.6, 0.9][:batch]
+    rows = SamplingRows.build(batch, temperature=temperature, greedy=[False] * (batch - 1) + [True],
+                              seed=list(range(batch)))
+    noise = gumbel(batch, vocab, seed=2)
+    out = kernel(policy, guides, weights, rows, 5, noise=noise, return_logprobs=True, block=block, splits=splits)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 5, noise=noise, return_logprobs=True)
+    assert_same_draw(out, ref)
+    assert out.logprobs[0, ::7].eq(NEG_INF).all()
+    assert not torch.isin(out.tokens[0], torch.arange(0, vocab, 7))
+
+
+TRUNCATION_ROWS = dict(  # one row per setting: top-k, top-p, min-p alone and combined, greedy, off
+    top_k=[1, 7, 0, 0, 50, 0, 20, 10, 5000],
+    top_p=[1.0, 1.0, 0.9, 1.0, 0.3, 1.0, 0.8, 0.5, 1.0],
+    min_p=[0.0, 0.0, 0.0, 0.05, 0.0, 0.3, 0.02, 0.0, 0.0],
+    greedy=[False] * 7 + [True, False],
+)
+
+
+@interpreted
+@pytest.mark.parametrize("n_guides,splits", [(0, 1), (2, 3)])
+def test_truncation_keeps_the_reference_set(n_guides, splits):
+    """Per-row top-k / top-p / min-p keep exactly the reference's tokens and renormalise like it; the draw
+    is the reference's. The last row sets top_k >= vocab, which keeps everything."""
+    batch, vocab = 9, 3000
+    policy, guides, weights = scores(batch, vocab, n_guides, seed=3)
+    rows = SamplingRows.build(batch, temperature=0.8, seed=list(range(batch)), **TRUNCATION_ROWS)
+    noise = gumbel(batch, vocab, seed=4)
+    out = kernel(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True, block=512, splits=splits)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True)
+    assert_same_draw(out, ref)
+    kept = out.logprobs.isfinite().sum(1)
+    assert kept[0] == 1 and kept[1] == 7 and kept[-1] == vocab
+    assert (kept[2:8] < vocab).all()  # the filters did cut
+
+
+@interpreted
+def test_top_k_keeps_ties_at_the_kth_value():
+    """Scores quantised to a few levels tie a lot: every token tied with the k-th largest is kept."""
+    batch, vocab = 4, 700
+    gen = torch.Generator().manual_seed(5)
+    policy = torch.randint(0, 12, (batch, vocab), generator=gen).float() / 2
+    rows = SamplingRows.build(batch, top_k=[1, 10, 60, 333], seed=[1, 2, 3, 4])
+    noise = gumbel(batch, vocab, seed=6)
+    out = kernel(policy, [], None, rows, 0, noise=noise, return_logprobs=True)
+    ref = mix_and_sample_reference(policy, [], None, rows, 0, noise=noise, return_logprobs=True)
+    assert_same_draw(out, ref)
+    assert (out.logprobs.isfinite().sum(1) > rows.top_k).all()  # ties made every row keep more than k
+
+
+@interpreted
+def test_greedy_rows_take_the_reference_argmax():
+    """Greedy rows ignore the noise and take argmax(logp), the lowest token id among exact ties, next to
+    sampled rows in the same batch; their log-prob is the reference's."""
+    batch, vocab = 6, 1500
+    policy, guides, weights = scores(batch, vocab, 1, seed=7)
+    policy[1], guides[0][1] = 0.0, 0.0  # every token tied: token 0
+    policy[2, [17, 900]] = 50.0  # two-way tie at the top: token 17
+    guides[0][2, [17, 900]] = 0.0
+    greedy = [True, True, True, False, True, False]
+    rows = SamplingRows.build(batch, greedy=greedy, top_k=[0, 0, 0, 0, 40, 0], seed=list(range(batch)))
+    out = kernel(policy, guides, weights, rows, 3, block=512, splits=2)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 3)
+    is_greedy = torch.tensor(greedy)
+    assert torch.equal(out.tokens[is_greedy], ref.tokens[is_greedy])
+    assert out.tokens[1] == 0 and out.tokens[2] == 17
+    torch.testing.assert_close(out.logprob[is_greedy], ref.logprob[is_greedy], atol=1e-5, rtol=0)
+
+
+@interpreted
+def test_zero_weight_guide_does_not_mask():
+    """A guide at -inf masks its token only where its weight is nonzero (the reference's 0 * -inf = 0)."""
+    batch, vocab = 3, 800
+    policy, guides, weights = scores(batch, vocab, 1, seed=8)
+    top = policy.argmax(-1)
+    guides[0][torch.arange(batch), top] = NEG_INF
+    weights[:, 0] = torch.tensor([0.0, 0.5, 0.0])
+    rows = SamplingRows.build(batch, greedy=True)
+    out = kernel(policy, guides, weights, rows, 0, return_logprobs=True)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 0, return_logprobs=True)
+    assert_same_draw(out, ref)
+    assert out.tokens[0] == top[0] and out.tokens[2] == top[2] and out.tokens[1] != top[1]
+    assert out.logprobs[1, top[1]] == NEG_INF and out.logprobs[0, top[0]].isfinite()
+
+
+@interpreted
+@pytest.mark.parametrize("filtered", [False, True], ids=["plain", "top-k-top-p"])
+def test_fully_masked_row_gives_no_nan(filtered):
+    """A row with every token masked draws token 0 with log-prob -inf, like the reference, and no NaN
+    appears; the other rows are untouched."""
+    batch, vocab = 3, 600
+    policy, guides, weights = scores(batch, vocab, 1, seed=9)
+    policy[0] = NEG_INF  # masked by the policy
+    guides[0][2] = NEG_INF  # masked by a weighted guide
+    weights[2, 0] = 1.0
+    rows = SamplingRows.build(batch, top_k=20 if filtered else 0, top_p=0.9 if filtered else 1.0, seed=[1, 2, 3])
+    noise = gumbel(batch, vocab, seed=10)
+    out = kernel(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True, block=256, splits=2)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True)
+    assert_same_draw(out, ref)
+    own = kernel(policy, guides, weights, rows, 0, return_logprobs=True)  # in-kernel noise
+    for o in (out, own):
+        assert o.tokens[[0, 2]].tolist() == [0, 0] and o.logprob[[0, 2]].eq(NEG_INF).all()
+        assert o.logprobs[[0, 2]].eq(NEG_INF).all() and not o.logprobs.isnan().any()
+        assert o.logprob[1].isfinite()
+
+
+@interpreted
+def test_masked_tokens_are_never_drawn():
+    """Masked tokens are the most likely ones before masking and carry the largest noise, yet are never
+    drawn, with supplied or in-kernel noise."""
+    batch, vocab = 24, 300
+    policy, guides, weights = scores(batch, vocab, 1, seed=11)
+    masked = torch.zeros(batch, vocab, dtype=torch.bool)
+    masked[:, ::3] = True
+    policy[:, ::3] += 20.0  # would win almost every draw if the mask were ignored
+    policy[masked[:, :] & (torch.arange(vocab) % 6 == 0)] = NEG_INF
+    guides[0][masked & (torch.arange(vocab) % 6 == 3)] = NEG_INF
+    weights[:, 0] = weights[:, 0].clamp(min=0.1)
+    rows = SamplingRows.build(batch, seed=list(range(100, 100 + batch)))
+    noise = gumbel(batch, vocab, seed=12).masked_fill(masked, 30.0)
+    out = kernel(policy, guides, weights, rows, 1, noise=noise)
+    assert_same_draw(out, mix_and_sample_reference(policy, guides, weights, rows, 1, noise=noise))
+    own = kernel(policy, guides, weights, rows, 1)
+    for o in (out, own):
+        assert not masked.gather(1, o.tokens[:, None]).any()
+        assert o.logprob.isfinite().all()
+
+
+@interpreted
+def test_in_kernel_noise_follows_the_mixed_law():
+    """Chi-square: draws with the kernel's own Philox noise (one per seed) follow the mixed law
+    softmax(policy / T + w * guide). The same counts reject the policy-only law and the law without
+    temperature, so the test can tell them apart."""
+    vocab, n = 6, 160  # expected counts >= 7 per token
+    policy = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5])
+    guide = torch.tensor([-3.0, -2.0, -1.0, 0.0, 0.0, 0.5])
+    temperature, weight = 0.5, 1.0
+    rows = SamplingRows.build(n, temperature=temperature, seed=torch.arange(n) * 7919 + 13)
+    out = kernel(policy.expand(n, vocab), [guide.expand(n, vocab)], torch.full((n, 1), weight), rows, 2)
+    counts = torch.bincount(out.tokens, minlength=vocab)
+    mixed = torch.softmax(policy / temperature + weight * guide, -1)
+    assert chi_square_pvalue(counts, mixed) > 1e-3, counts.tolist()
+    assert chi_square_pvalue(counts, torch.softmax(policy / temperature, -1)) < 1e-6
+    assert chi_square_pvalue(counts, torch.softmax(policy + weight * guide, -1)) < 1e-6
+
+
+@interpreted
+def test_filtered_draws_stay_in_the_kept_set():
+    """With in-kernel noise, truncated rows draw only kept tokens, and report their truncated log-prob."""
+    batch, vocab = 16, 500
+    policy, guides, weights = scores(batch, vocab, 1, seed=13)
+    rows = SamplingRows.build(batch, top_k=[0, 30] * 8, top_p=[0.7, 1.0] * 8, min_p=[0.0] * 12 + [0.1] * 4,
+                              seed=list(range(batch)))
+    out = kernel(policy, guides, weights, rows, 4)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 4, return_logprobs=True)
+    drawn = ref.logprobs.gather(1, out.tokens[:, None]).squeeze(1)
+    assert drawn.isfinite().all()
+    torch.testing.assert_close(out.logprob, drawn, atol=1e-5, rtol=0)
+
+
+@interpreted
+def test_draw_depends_only_on_seed_and_step():
+    """A row's draw is a function of (seed, step, scores): the same in any batch slot, next to any rows,
+    with any block size or vocabulary split; a scalar step equals the same step per row; another step
+    draws anew."""
+    batch, vocab = 5, 2000
+    policy, guides, weights = scores(batch, vocab, 1, seed=14)
+    policy /= 10  # flat: draws vary
+    policy[4], guides[0][4], weights[4] = policy[0], guides[0][0], weights[0]
+    rows = SamplingRows.build(batch, seed=[11, 22, 33, 44, 11])
+    base = kernel(policy, guides, weights, rows, 9)
+    assert base.tokens[0] == base.tokens[4]  # same seed, same scores, other slot
+    order = torch.tensor([3, 1, 4, 0, 2])
+    shuffled = kernel(policy[order], [guides[0][order]], weights[order], rows.select(order), 9, block=256, splits=3)
+    assert torch.equal(shuffled.tokens, base.tokens[order])
+    alone = kernel(policy[2:3], [guides[0][2:3]], weights[2:3], rows.select(torch.tensor([2])), 9, block=1024)
+    assert alone.tokens[0] == base.tokens[2]
+    per_row = kernel(policy, guides, weights, rows, torch.full((batch,), 9))
+    assert torch.equal(per_row.tokens, base.tokens)
+    later = kernel(policy, guides, weights, rows, 10)
+    assert not torch.equal(later.tokens, base.tokens)
+    torch.testing.assert_close(shuffled.logprob, base.logprob[order], atol=1e-6, rtol=0)
+
+
+@interpreted
+def test_sample_next_backends():
+    """sample_next(backend="triton") runs the kernel on CPU tensors under the interpreter (its own noise,
+    not the reference's inverse CDF); backend="torch" is the reference."""
+    batch, vocab = 8, 500
+    policy, guides, weights = scores(batch, vocab, 1, seed=15)
+    policy /= 10
+    rows = SamplingRows.build(batch, seed=list(range(batch)))
+    fused = sample_next(policy, guides, weights, rows, 1, backend="triton")
+    assert torch.equal(fused.tokens, kernel(policy, guides, weights, rows, 1).tokens)
+    plain = sample_next(policy, guides, weights, rows, 1, backend="torch")
+    assert torch.equal(plain.tokens, mix_and_sample_reference(policy, guides, weights, rows, 1).tokens)
+    assert not torch.equal(fused.tokens, plain.tokens)  # different noise, so the test sees which ran
+
+
+MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Philox-4x32-10 (Salmon et al., SC 2011) in plain Python, the oracle for the kernel's noise bits."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return c0, c1, c2, c3
+
+
+def test_python_philox_matches_known_answers():
+    """The oracle reproduces the Random123 known-answer vectors for philox4x32-10."""
+    assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert philox4x32_10((MASK32,) * 4, (MASK32, MASK32)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+
+
+if IN_INTERPRETER and HAVE_TRITON:  # helper kernels that expose the noise pieces (interpreter runs only)
+    import triton
+    import triton.language as tl
+
+    from align_decode.kernels.triton_mix import _exponential, _random_bits
+
+    @triton.jit
+    def _random_bits_kernel(out_ptr, seed_ptr, step_ptr, start, BLOCK: tl.constexpr):
+        bits = _random_bits(tl.load(seed_ptr), tl.load(step_ptr), start, BLOCK)
+        tl.store(out_ptr + tl.arange(0, BLOCK), bits.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _exponential_kernel(u_ptr, out_ptr, N: tl.constexpr):
+        lanes = tl.arange(0, N)
+        tl.store(out_ptr + lanes, _exponential(tl.load(u_ptr + lanes)))
+
+
+@interpreted
+def test_noise_bits_are_philox_keyed_by_seed_step_and_token():
+    """Token t of a row gets word t % 4 of Philox-4x32-10 with key = the 64-bit seed and counter
+    (t // 4, step low word, step high word, 0), checked against the Python oracle."""
+    seed, step, start, block = 0x1234_5678_9ABC_DEF1, (7 << 32) + 5, 24, 16
+    out = torch.empty(block, dtype=torch.int32)
+    _random_bits_kernel[(1,)](out, torch.tensor([seed]), torch.tensor([step]), start, BLOCK=block)
+    got = [x & MASK32 for x in out.tolist()]
+    key = (seed & MASK32, seed >> 32)
+    want = [philox4x32_10((t // 4, step & MASK32, step >> 32, 0), key)[t % 4] for t in range(start, start + block)]
+    assert got == want
+
+
+@interpreted
+def test_exponential_variate_is_accurate_for_small_u():
+    """-log1p(-u) to fp32 accuracy across (0, 1), including u below 2^-25 where log(1 - u) gives 0."""
+    u = torch.tensor([1.1754943508222875e-38, 1e-30, 1e-12, 2.0**-26, 2.0**-20, 1e-4, 0.01, 0.2, 0.49, 0.5,
+                      0.5000001, 0.75, 0.99, 1 - 2.0**-24], dtype=torch.float32)
+    n = 16
+    padded = torch.cat([u, torch.full((n - len(u),), 0.3)])
+    result = torch.empty(n)
+    _exponential_kernel[(1,)](padded, result, N=n)
+    want = -torch.log1p(-padded.double())
+    torch.testing.assert_close(result.double(), want, rtol=3e-7, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Host-side tests (no kernel launch)
+# --------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("change,message", [
+    (dict(policy=torch.zeros(5)), "batch, vocab"),
+    (dict(policy=torch.zeros(2, 10, dtype=torch.int64)), "float32, bfloat16 or float16"),
+    (dict(guides=[torch.zeros(2, 9)]), r"guide 0 scores has shape \(2, 9\)"),
+    (dict(weights=None), r"weights must have shape \(2, 1\)"),
+    (dict(weights=torch.ones(2, 2)), r"weights must have shape \(2, 1\)"),
+    (dict(guides=[torch.zeros(2, 10)] * 9, weights=torch.ones(2, 9)), "at most 8 guides"),
+    (dict(noise=torch.zeros(2, 11)), r"noise has shape \(2, 11\)"),
+    (dict(rows=SamplingRows.build(3)), r"rows.temperature has shape \(3,\)"),
+    (dict(step=torch.zeros(3, dtype=torch.int64)), "step must be"),
+    (dict(block=100), "power of two"),
+    (dict(splits=0), "splits must be >= 1"),
+])
+def test_argument_errors(change, message):
+    args = dict(policy=torch.zeros(2, 10), guides=[torch.zeros(2, 10)], weights=torch.ones(2, 1),
+                rows=SamplingRows.build(2), step=0, noise=None)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        kernel(**args)
+
+
+@needs_triton
+@compiled_only
+def test_cpu_tensors_need_cuda_or_the_interpreter():
+    policy = torch.randn(2, 50)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        kernel(policy)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        sample_next(policy, backend="triton")
+    rows = SamplingRows.build(2, seed=[3, 4])
+    auto = sample_next(policy, rows=rows, step=2)  # CPU tensors go to the reference
+    assert torch.equal(auto.tokens, mix_and_sample_reference(policy, [], None, rows, 2).tokens)
+
+
+def test_dispatch_without_triton(monkeypatch):
+    """Without triton, "auto" falls back to the reference and "triton" says what to install."""
+    from align_decode.kernels import dispatch
+
+    monkeypatch.setitem(sys.modules, "align_decode.kernels.triton_mix", None)  # import now fails
+    assert dispatch._triton_sampler() is None
+    with pytest.raises(RuntimeError, match="pip install triton==3.7.1"):
+        sample_next(torch.randn(2, 50), backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        sample_next(torch.randn(2, 50), backend="cuda")
+
+
+def test_align_decode_imports_without_triton():
+    """align_decode must not import triton at import time: a process where triton cannot be imported
+    still imports the package and samples on CPU."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # any `import triton` now raises ImportError
+        import torch, align_decode
+        from align_decode.kernels import sample_next
+        out = sample_next(torch.randn(2, 30))
+        assert out.tokens.shape == (2,)
+        assert "align_decode.kernels.triton_mix" not in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU tests: the compiled kernel
+# --------------------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    "B1-V128256-bf16-two-guides": (1, 128256, 2, torch.bfloat16),
+    "B8-V32000-fp32-one-guide": (8, 32000, 1, torch.float32),
+    "B64-V151936-bf16-one-guide": (64, 151936, 1, torch.bfloat16),
+    "B5-V1000-fp32-policy-only": (5, 1000, 0, torch.float32),
+}
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("filtered", [False, True], ids=["plain", "filtered"])
+def test_gpu_supplied_noise_matches_reference(case, filtered):
+    """On CUDA the compiled kernel draws the reference's token (same noise) and keeps its set."""
+    batch, vocab, n_guides, dtype = GPU_CASES[case]
+    policy, guides, weights = scores(batch, vocab, n_guides, dtype, seed=21, device="cuda")
+    policy[:, ::11] = NEG_INF
+    settings = dict(temperature=torch.linspace(0.5, 1.5, batch).tolist(), seed=list(range(batch)))
+    if filtered:  # rows cycle through: top-p, top-k, top-k = 1, top-k + top-p + min-p
+        def cycle(values):
+            return [values[i % len(values)] for i in range(batch)]
+        settings.update(top_k=cycle([0, 50, 1, 200]), top_p=cycle([0.9, 1.0, 1.0, 0.5]),
+                        min_p=cycle([0.0, 0.0, 0.0, 0.02]))
+    rows = SamplingRows.build(batch, device="cuda", **settings)
+    noise = gumbel(batch, vocab, seed=22, device="cuda")
+    out = kernel(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True)
+    assert_same_draw(out, ref, atol=1e-4)
+
+
+@gpu
+@needs_cuda
+def test_gpu_in_kernel_noise_follows_the_mixed_law():
+    vocab, n = 8, 20000
+    policy = torch.linspace(1.5, -1.0, vocab, device="cuda")
+    guide = torch.linspace(-2.0, 0.0, vocab, device="cuda")
+    rows = SamplingRows.build(n, temperature=0.9, seed=torch.arange(n), device="cuda")
+    out = kernel(policy.expand(n, vocab), [guide.expand(n, vocab)], torch.full((n, 1), 0.7, device="cuda"), rows, 5)
+    counts = torch.bincount(out.tokens, minlength=vocab).cpu()
+    mixed = torch.softmax(policy / 0.9 + 0.7 * guide, -1).cpu()
+    assert chi_square_pvalue(counts, mixed) > 1e-4, counts.tolist()
+    assert chi_square_pvalue(counts, torch.softmax(policy / 0.9, -1).cpu()) < 1e-6
+
+
+@gpu
+@needs_cuda
+def test_gpu_draw_depends_only_on_seed_and_step():
+    batch, vocab = 6, 128256
+    policy, guides, weights = scores(batch, vocab, 1, torch.bfloat16, seed=23, device="cuda")
+    rows = SamplingRows.build(batch, seed=[5, 6, 7, 8, 9, 10], top_k=[0, 0, 0, 0, 100, 0], device="cuda")
+    base = kernel(policy, guides, weights, rows, 3)
+    order = torch.tensor([5, 3, 1, 0, 4, 2], device="cuda")
+    for splits in (1, 7, None):
+        again = kernel(policy[order], [guides[0][order]], weights[order], rows.select(order), 3, splits=splits)
+        assert torch.equal(again.tokens, base.tokens[order])
+    assert not torch.equal(kernel(policy, guides, weights, rows, 4).tokens, base.tokens)
+
+
+@gpu
+@needs_cuda
+def test_gpu_sample_next_uses_the_kernel(monkeypatch):
+    from align_decode.kernels import triton_mix
+
+    calls = []
+    real = triton_mix.mix_and_sample_triton
+    monkeypatch.setattr(triton_mix, "mix_and_sample_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = sample_next(torch.randn(2, 1000, device="cuda"), rows=SamplingRows.build(2, device="cuda"))
+    assert calls and out.tokens.is_cuda
+
+
+@gpu
+@needs_cuda
+def test_gpu_fully_masked_row_and_zero_weight():
+    batch, vocab = 3, 50000
+    policy, guides, weights = scores(batch, vocab, 1, seed=24, device="cuda")
+    policy[0] = NEG_INF
+    top = policy[2].argmax()
+    guides[0][2, top] = NEG_INF
+    weights[2, 0] = 0.0
+    rows = SamplingRows.build(batch, greedy=[False, False, True], device="cuda")
+    out = kernel(policy, guides, weights, rows, 0, return_logprobs=True)
+    assert out.tokens[0] == 0 and out.logprob[0] == NEG_INF and not out.logprobs.isnan().any()
+    assert out.tokens[2] == top and out.logprob[2].isfinite()
