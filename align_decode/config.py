@@ -46,15 +46,17 @@ def load_config(path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def apply_config(ctx: click.Context, config: dict, path) -> dict[str, str]:
-    """Fill the options not given on the command line from `config`, converting each value as click
-    would. Returns {option name: where it came from} for every option not left at its default."""
+def apply_config(ctx: click.Context, path=None) -> dict[str, str]:
+    """Fill the options not given on the command line from the config file at `path` (if any),
+    converting each value as click would. Returns {option name: where it was set} for every option not
+    left at its default."""
     params = {p.name: p for p in ctx.command.params}
     origins = {
         name: "the command line"
         for name in params
         if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
     }
+    config = load_config(path) if path is not None else {}
     for name, value in config.items():
         param = params.get(name)
         if param is None or name == "config":

@@ -63,6 +63,7 @@ class ResultsFile:
         self.warn = warn or (lambda message: None)
         self.done: set[str] = set()
         self.first: dict | None = None  # the file's first record, to compare settings on --resume
+        self.written = 0  # lines appended by this process
         self._fd: int | None = None
 
     # ---------------------------------------------------------------------------------------- opening
@@ -116,10 +117,12 @@ class ResultsFile:
             while view:  # a regular file takes it in one write; the loop covers a short write
                 view = view[os.write(self._fd, view):]
             os.fsync(self._fd)
+            # Counted before the held signals land, so an interrupted run reports what is really on disk.
+            self.done.add(str(record["id"]))
+            self.written += 1
         finally:
             if held:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        self.done.add(str(record["id"]))
 
     def close(self) -> None:
         if self._fd is not None:

@@ -3,18 +3,18 @@
 Each reward is one entry: a name, a one-line summary, a usage hint, and a builder that turns the text
 after the colon (None when there is none) into a SequenceReward. Builders import their reward's module
 inside, so a reward whose optional package is missing costs nothing until it is asked for, and then
-fails with a clear message (and the default reward is simply left out).
+fails with a clear message (and a default reward is simply left out).
 
 Adding a reward:
 
-    @register_reward("keyword", "count of the given words in the completion", usage="keyword:WORD[,WORD...]")
-    def _keyword(arg, ctx):
-        from .lexical import KeywordReward          # the module that implements it
-        words, _ = split_args(arg)
-        return KeywordReward(words)
+    @register_reward("politeness", "share of polite markers in the completion", usage="politeness[:WORD,...]")
+    def _politeness(arg, ctx):
+        from .politeness import PolitenessReward      # the module that implements it
+        words, named = split_args(arg)
+        return PolitenessReward(words or None)
 
 `--reward mymodule:score` (or `path/to/file.py:score`) loads a SequenceReward instance or subclass, or a
-plain function `score(prompts, completions) -> floats`, without registering anything.
+plain batched function `score(prompts, completions) -> floats`, without registering anything.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .base import SequenceReward
 
@@ -36,10 +36,13 @@ NONE = "none"
 
 @dataclass(frozen=True)
 class RewardContext:
-    """What a reward builder may need to load a model of its own."""
+    """What a reward builder may need: where to put a model of its own, the policy's tokenizer (for
+    token counts), and the prompt records (for per-prompt references such as an "answer" field)."""
 
     device: str = "cpu"
     dtype: str = "float32"
+    tokenizer: Any = None
+    records: Sequence[Any] = field(default_factory=tuple)  # io.PromptRecord: .text, .meta, .line
 
 
 @dataclass(frozen=True)
@@ -81,21 +84,21 @@ def split_args(arg: str | None) -> tuple[list[str], dict[str, str]]:
     return positional, named
 
 
+def typed_args(reward: str, named: dict[str, str], types: dict[str, type]) -> dict[str, Any]:
+    """Convert key=value arguments with the given types; an unknown key or a bad value is an error."""
+    out = {}
+    for key, text in named.items():
+        if key not in types:
+            raise ValueError(f"reward {reward!r} has no argument {key!r} (it takes: {', '.join(types)})")
+        try:
+            out[key] = types[key](text)
+        except ValueError:
+            raise ValueError(f"reward {reward!r}: {key}={text!r} is not a valid {types[key].__name__}") from None
+    return out
+
+
 class RewardUnavailable(ValueError):
     """A registered reward that cannot be built here (its optional package or module is missing)."""
-
-
-class FunctionReward(SequenceReward):
-    """A plain function `score(prompts, completions) -> floats` used as a sequence reward."""
-
-    def __init__(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]], name: str):
-        if not callable(fn):
-            raise TypeError(f"FunctionReward needs a callable, got {type(fn).__name__}")
-        self.fn = fn
-        self.name = name
-
-    def _score(self, prompts, completions):
-        return self.fn(prompts, completions)
 
 
 def _import_module(target: str):
@@ -113,7 +116,9 @@ def _import_module(target: str):
 
 
 def load_callable_reward(spec: str) -> SequenceReward:
-    """`module:attr` or `file.py:attr` -> a SequenceReward (instance, subclass, or scoring function)."""
+    """`module:attr` or `file.py:attr` -> a SequenceReward (instance, subclass, or batched function)."""
+    from .function import CallableReward
+
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise ValueError(f"--reward {spec!r}: expected module:function")
@@ -131,24 +136,42 @@ def load_callable_reward(spec: str) -> SequenceReward:
     if isinstance(obj, type) and issubclass(obj, SequenceReward):
         return obj()
     if callable(obj):
-        return FunctionReward(obj, name=spec)
+        return CallableReward(obj, batched=True, name=spec)
     raise TypeError(f"--reward {spec!r} is a {type(obj).__name__}, not a reward or a scoring function")
+
+
+def check_spec(spec: str) -> None:
+    """Cheap check of a spec before anything loads: a registered name, `none`, or module:function."""
+    name, colon, _ = spec.partition(":")
+    if spec != NONE and name not in REWARDS and not colon:
+        known = ", ".join(sorted(REWARDS)) or "none registered"
+        raise ValueError(f"unknown reward {spec!r} (known: {known}; or module:function, or {NONE!r})")
 
 
 def build_reward(spec: str, ctx: RewardContext | None = None) -> SequenceReward:
     """One reward from its command-line spec."""
+    check_spec(spec)
     ctx = ctx or RewardContext()
     name, colon, arg = spec.partition(":")
     entry = REWARDS.get(name)
-    if entry is not None:
-        try:
-            return entry.build(arg if colon else None, ctx)
-        except ImportError as e:
-            raise RewardUnavailable(f"reward {name!r} is unavailable here: {e}") from None
-    if colon:
+    if entry is None:
         return load_callable_reward(spec)
-    known = ", ".join(sorted(REWARDS)) or "none registered yet"
-    raise ValueError(f"unknown reward {spec!r} (known: {known}; or module:function, or {NONE!r})")
+    try:
+        return entry.build(arg if colon else None, ctx)
+    except ImportError as e:
+        raise RewardUnavailable(f"reward {name!r} is unavailable here: {e}") from None
+
+
+def check_specs(specs: Sequence[str]) -> None:
+    """The checks of build_rewards that need nothing loaded."""
+    specs = list(specs)
+    if NONE in specs and len(specs) > 1:
+        raise ValueError(f"--reward {NONE} cannot be combined with other rewards")
+    repeated = sorted({s for s in specs if specs.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--reward given twice: {', '.join(repeated)}")
+    for spec in specs:
+        check_spec(spec)
 
 
 def build_rewards(
@@ -159,12 +182,9 @@ def build_rewards(
     """{spec: reward} for the given specs; the defaults that can be built when specs is empty; nothing
     for ['none']."""
     specs = list(specs or [])
-    if NONE in specs:
-        if len(specs) > 1:
-            raise ValueError(f"--reward {NONE} cannot be combined with other rewards")
+    check_specs(specs)
+    if specs == [NONE]:
         return {}
-    if len(set(specs)) != len(specs):
-        raise ValueError(f"--reward given twice: {', '.join(sorted({s for s in specs if specs.count(s) > 1}))}")
     if specs:
         return {spec: build_reward(spec, ctx) for spec in specs}
     rewards = {}
@@ -177,3 +197,90 @@ def build_rewards(
             if note is not None:
                 note(f"default {e}; the output has no {name} scores")
     return rewards
+
+
+# ------------------------------------------------------------------------------------- built-in rewards
+def _no_args(name: str, arg: str | None) -> None:
+    if arg:
+        raise ValueError(f"reward {name!r} takes no arguments, got {arg!r}")
+
+
+@register_reward("sentiment", "positive sentiment of the completion (VADER compound, in [-1, 1])",
+                 usage="sentiment[:compound|pos|neg|neu]")
+def _sentiment(arg, ctx):
+    from .offline import SentimentReward
+
+    return SentimentReward(measure=arg or "compound")
+
+
+@register_reward("non_toxicity", "1 - P(offensive) of the completion (alt-profanity-check), in [0, 1]")
+def _non_toxicity(arg, ctx):
+    from .offline import NonToxicityReward
+
+    _no_args("non_toxicity", arg)
+    return NonToxicityReward()
+
+
+@register_reward("length", "0 inside a length range, negative outside it",
+                 usage="length:target=N|min_length=N,max_length=N[,unit=words|chars|tokens,scale=S,power=P]")
+def _length(arg, ctx):
+    from .constraints import LengthReward
+
+    positional, named = split_args(arg)
+    if positional:
+        raise ValueError(f"reward 'length' takes key=value arguments, got {positional}")
+    kwargs = typed_args("length", named, {"target": int, "min_length": int, "max_length": int, "unit": str,
+                                          "scale": float, "power": float})
+    return LengthReward(**kwargs, tokenizer=ctx.tokenizer)
+
+
+@register_reward("keywords", "share of keyword constraints met (a !word must be absent)",
+                 usage="keywords:WORD[,WORD...][,!WORD...]")
+def _keywords(arg, ctx):
+    from .constraints import KeywordReward
+
+    words, named = split_args(arg)
+    if named:
+        raise ValueError(f"reward 'keywords' takes words, not key=value arguments: {named}")
+    return KeywordReward(include=[w for w in words if not w.startswith("!")],
+                         exclude=[w[1:] for w in words if w.startswith("!")])
+
+
+@register_reward("regex", "1 when the completion matches the regular expression (anywhere), else 0",
+                 usage="regex:PATTERN")
+def _regex(arg, ctx):
+    from .constraints import RegexReward
+
+    if not arg:
+        raise ValueError("reward 'regex' needs a pattern: regex:PATTERN")
+    return RegexReward(arg)  # the whole argument: a pattern may hold commas and colons
+
+
+@register_reward("exact_match", "1 when the completion's final answer equals the prompt's \"answer\" field",
+                 usage="exact_match[:number|boxed|option]")
+def _exact_match(arg, ctx):
+    from .answers import ExactMatchReward
+
+    answers: dict[str, Any] = {}
+    for record in ctx.records:
+        if "answer" not in record.meta:
+            raise ValueError(
+                f"reward 'exact_match' needs an \"answer\" field on every prompt; line {record.line} has none"
+            )
+        if answers.setdefault(record.text, record.meta["answer"]) != record.meta["answer"]:
+            raise ValueError(f"reward 'exact_match': line {record.line} repeats a prompt with another answer")
+    return ExactMatchReward(answers, kind=arg or "number")
+
+
+@register_reward("classifier", "a local sequence-classification reward model",
+                 usage="classifier:DIR[,reduction=logit|prob|log_prob,label=L,max_length=N,batch_size=N]")
+def _classifier(arg, ctx):
+    from .classifier import ClassifierReward
+
+    positional, named = split_args(arg)
+    if len(positional) != 1:
+        raise ValueError("reward 'classifier' needs one model folder: classifier:DIR[,key=value...]")
+    kwargs = typed_args("classifier", named, {"reduction": str, "label": str, "max_length": int, "batch_size": int})
+    if "label" in kwargs and kwargs["label"].isdigit():
+        kwargs["label"] = int(kwargs["label"])
+    return ClassifierReward(positional[0], device=ctx.device, dtype=ctx.dtype, **kwargs)
