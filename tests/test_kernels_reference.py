@@ -33,15 +33,18 @@ def test_mix_matches_formula_and_is_shift_invariant():
     assert torch.equal(shifted.tokens, out.tokens)
 
 
-def test_zero_weight_ignores_guide_even_where_it_is_minus_inf():
-    pol = torch.randn(2, 10)
-    guide = torch.zeros(2, 10)
+def test_minus_inf_in_a_guide_masks_for_any_nonzero_weight_and_weight_zero_ignores_it():
+    pol = torch.randn(3, 10)
+    guide = torch.randn(3, 10)
     guide[:, 3] = float("-inf")
-    w = torch.tensor([[0.0], [1.0]])
-    out = sample_next(pol, [guide], w, _rows(2), step=0, return_logprobs=True)
+    w = torch.tensor([[0.0], [1.0], [-2.0]])
+    out = sample_next(pol, [guide], w, _rows(3), step=0, return_logprobs=True)
     assert torch.isfinite(out.logprobs[0]).all()
-    assert out.logprobs[1, 3] == float("-inf")
+    assert out.logprobs[1, 3] == float("-inf") and out.logprobs[2, 3] == float("-inf")
     assert not torch.isnan(out.logprobs).any()
+    keep = torch.arange(10) != 3
+    expect = torch.log_softmax(torch.log_softmax(pol[2], -1)[keep] - 2.0 * guide[2, keep], -1)
+    torch.testing.assert_close(out.logprobs[2, keep], expect)
 
 
 @pytest.mark.parametrize(

@@ -247,18 +247,20 @@ def test_greedy_rows_take_the_reference_argmax():
 
 @interpreted
 def test_zero_weight_guide_does_not_mask():
-    """A guide at -inf masks its token only where its weight is nonzero (the reference's 0 * -inf = 0)."""
-    batch, vocab = 3, 800
+    """A guide at -inf masks its token where its weight is nonzero, negative included (never +inf), and
+    not at all where its weight is 0 (the reference's 0 * -inf = 0)."""
+    batch, vocab = 4, 800
     policy, guides, weights = scores(batch, vocab, 1, seed=8)
     top = policy.argmax(-1)
     guides[0][torch.arange(batch), top] = NEG_INF
-    weights[:, 0] = torch.tensor([0.0, 0.5, 0.0])
+    weights[:, 0] = torch.tensor([0.0, 0.5, 0.0, -0.5])
     rows = SamplingRows.build(batch, greedy=True)
     out = kernel(policy, guides, weights, rows, 0, return_logprobs=True)
     ref = mix_and_sample_reference(policy, guides, weights, rows, 0, return_logprobs=True)
     assert_same_draw(out, ref)
-    assert out.tokens[0] == top[0] and out.tokens[2] == top[2] and out.tokens[1] != top[1]
-    assert out.logprobs[1, top[1]] == NEG_INF and out.logprobs[0, top[0]].isfinite()
+    assert out.tokens[0] == top[0] and out.tokens[2] == top[2] and out.tokens[1] != top[1] and out.tokens[3] != top[3]
+    assert out.logprobs[1, top[1]] == NEG_INF and out.logprobs[3, top[3]] == NEG_INF and out.logprobs[0, top[0]].isfinite()
+    assert not torch.isnan(out.logprobs).any()
 
 
 @interpreted

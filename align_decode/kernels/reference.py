@@ -38,14 +38,18 @@ def mix_scores(
     weights: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z = policy / T + sum_i w_i * guide_i in fp32; a weight of 0 ignores its guide even where it is -inf."""
+    """z = policy / T + sum_i w_i * guide_i in fp32.
+
+    -inf in a guide masks the token whatever the sign of its weight (a negative weight must not turn a
+    mask into +inf), and a weight of 0 ignores its guide altogether, even where it is -inf."""
     z = policy.float()
     if temperature is not None:
         z = z / temperature.to(z.dtype).unsqueeze(-1)
+    neg_inf = torch.tensor(float("-inf"), device=z.device)
     for i, g in enumerate(guides):
         w = weights[:, i].to(z.dtype).unsqueeze(-1)
-        term = w * g.float()
-        # 0 * -inf is NaN; a zero weight means "this guide does not count".
+        g = g.float()
+        term = torch.where(g == neg_inf, neg_inf, w * g)
         z = z + torch.where(w == 0, torch.zeros_like(term), term)
     return z
 

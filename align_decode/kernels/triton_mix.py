@@ -2,7 +2,7 @@
 
 It implements the law of `kernels.reference` (read that first):
 
-    z[v]    = s[v] / T_b + sum_i w[b, i] * g_i[v]        (a zero weight ignores its guide, even at -inf)
+    z[v]    = s[v] / T_b + sum_i w[b, i] * g_i[v]        (-inf in a weighted guide masks; weight 0 ignores it)
     logp[v] = z[v] - logsumexp(z), then top-k, top-p, min-p on logp, each renormalising
     token   = argmax(logp)                                (greedy rows)
             = argmax(logp + G),  G[v] ~ Gumbel(0, 1)      (sampled rows)
@@ -97,8 +97,10 @@ def _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
     for i in tl.static_range(NUM_GUIDES):
         w = tl.load(weight_ptr + row * weight_stride + i).to(tl.float32)
         g = tl.load(guides[i] + row * guide_strides[i] + cols, mask=in_range, other=0.0).to(tl.float32)
-        # A zero weight switches its guide off. Select before multiplying: 0 * -inf would be NaN.
-        z = z + w * tl.where(w == 0.0, 0.0, g)
+        # -inf in a guide masks the token for any nonzero weight (a negative weight must not make it
+        # +inf); a zero weight switches the guide off (0 * -inf would be NaN). Same selects as the reference.
+        term = tl.where(g == float("-inf"), float("-inf"), w * g)
+        z = z + tl.where(w == 0.0, 0.0, term)
     return z
 
 

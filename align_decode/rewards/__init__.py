@@ -31,3 +31,11 @@ __all__ = [
     "TopKGuide",
     "TopKGuideState",
 ]
+
+from .value_models import PrefixRewardGuide, QValueModel, ScalarValueModel  # noqa: E402
+
+__all__ += ["PrefixRewardGuide", "QValueModel", "ScalarValueModel"]
+
+from .value_training import load_value_model, train_cd_fudge  # noqa: E402
+
+__all__ += ["load_value_model", "train_cd_fudge"]
