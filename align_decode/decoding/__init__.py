@@ -9,6 +9,7 @@ from .qalign import QAlign
 from .session import ModelSession
 from .settings import GenerationSettings
 from .strategy import Policy, Sample, Strategy, TokenStrategy
+from .transfer_q import TransferQ
 
 __all__ = [
     "AlignedModel",
@@ -26,4 +27,11 @@ __all__ = [
     "Sample",
     "Strategy",
     "TokenStrategy",
+    "TransferQ",
 ]
+
+from .args import ARGS  # noqa: E402
+from .blockwise import BlockwiseCD  # noqa: E402
+from .controlled import TokenwiseCD  # noqa: E402
+
+__all__ += ["ARGS", "BlockwiseCD", "TokenwiseCD"]
