@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from align_decode import AlignedModel, GenARM, PromptedARM, Sample
+from align_decode import AlignedModel, GenARM, PromptedARM
 from align_decode.models import load_model
 
 PROMPTS = [

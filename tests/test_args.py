@@ -1,7 +1,6 @@
 """ARGS through AlignedModel.generate(): s(v) = log p(v) + w * r(prefix + v) on the policy's top-k,
 greedy and sampled, checked step by step against the formula recomputed from scratch."""
 
-import functools
 import types
 
 import pytest
@@ -11,18 +10,8 @@ from align_decode import ARGS, AlignedModel, ScalarValueModel
 from align_decode.rewards import CallableReward
 from test_controlled import ConstantIds, policy_logprobs, scalar_value, tiny_value_head
 from tiny import EOS, PAD, tiny_tokenizer
-from tiny import tiny_llama as _tiny_llama
+from tiny import tiny_llama64 as tiny_llama
 
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class IdsReward:

@@ -1,7 +1,6 @@
 """Best-of-N: the exact law of the chosen response, chunking, votes, and errors."""
 
 import collections
-import functools
 
 import pytest
 import torch

@@ -15,7 +15,9 @@ from align_decode.io.prompts_file import PromptFileError, parse_shard, read_prom
 from align_decode.io.results import ResultsFile
 from align_decode.methods import METHODS, check_applicable, get_method
 from align_decode.rewards import CallableReward, registry
-from tiny import tiny_llama, tiny_tokenizer
+from cli_support import assert_one_line_error, invoke, read_lines, save_model, write_jsonl
+from cli_support import run_ok as cli_run_ok
+from tiny import tiny_tokenizer
 
 PROMPTS = [
     {"id": "a", "prompt": "w1 w2 w3"},
@@ -24,21 +26,6 @@ PROMPTS = [
     {"id": "d", "messages": [{"role": "system", "content": "w7"}, {"role": "user", "content": "w8 w9 w10"}]},
     {"id": "e", "prompt": "w11 w12", "answer": "w13"},
 ]
-
-
-def save_model(path: Path, seed: int, shift: int = 0) -> str:
-    tiny_llama(seed=seed).save_pretrained(path)
-    tiny_tokenizer(shift=shift).save_pretrained(path)
-    return str(path)
-
-
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
-
-
-def read_lines(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -57,29 +44,8 @@ def prompts(tmp_path):
     return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
 def run_ok(models, prompts, out, *extra):
-    rewards = [] if "--reward" in extra else ["--reward", "none"]
-    result = invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out,
-                    "--max-new-tokens", 5, "--quiet", *rewards, *extra)
-    assert result.exit_code == 0, result.stderr
-    return read_lines(out)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
-    # Notes ("loading ...") may come first; the error itself is the last line, and the only one.
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("align-decode: error: ")]
-    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    return cli_run_ok(models["policy"], prompts, out, *extra)
 
 
 # ------------------------------------------------------------------------------------- end to end

@@ -3,14 +3,11 @@ strategies, a trained value model folder loads, and bad options are one-line err
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from click.testing import CliRunner
 
-from align_decode.cli import cli
 from align_decode.rewards.value_training import save_value_model
+from cli_support import invoke, save_model, write_jsonl
+from cli_support import run_ok as cli_run_ok
 from tiny import tiny_llama, tiny_tokenizer
 
 PROMPTS = [{"id": "a", "prompt": "w1 w2 w3"}, {"id": "b", "messages": [{"role": "user", "content": "w4 w5"}]}]
@@ -19,8 +16,7 @@ PROMPTS = [{"id": "a", "prompt": "w1 w2 w3"}, {"id": "b", "messages": [{"role": 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("cd_models")
-    tiny_llama(seed=0).save_pretrained(root / "policy")
-    tiny_tokenizer().save_pretrained(root / "policy")
+    save_model(root / "policy", seed=0)
     save_value_model(tiny_llama(seed=5), root / "value", "q", tiny_tokenizer())
     save_value_model(tiny_llama(seed=6), root / "other", "q", tiny_tokenizer(shift=1))
     return {name: str(root / name) for name in ("policy", "value", "other")}
@@ -28,20 +24,11 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def prompts(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return str(path)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 def run_ok(models, prompts, out, *extra):
-    result = invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out, "--max-new-tokens", 6,
-                    "--quiet", *extra)
-    assert result.exit_code == 0, result.stderr
-    return [json.loads(line) for line in Path(out).read_text().splitlines()]
+    return cli_run_ok(models["policy"], prompts, out, *extra, max_new_tokens=6)
 
 
 def one_line_error(result, fragment):

@@ -3,14 +3,10 @@ plain decoding, indirect transfer takes the second --reward, and bad options are
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from click.testing import CliRunner
 
-from align_decode.cli import cli
-from tiny import tiny_llama, tiny_tokenizer
+from cli_support import invoke, save_model, write_jsonl
+from cli_support import run_ok as cli_run_ok
 
 PROMPTS = [{"id": "a", "prompt": "w1 w2 w3"}, {"id": "b", "messages": [{"role": "user", "content": "w4 w5"}]}]
 TQ = ("--method", "transfer_q", "--candidate-tokens", 3, "--rollout-len", 2)
@@ -19,28 +15,17 @@ TQ = ("--method", "transfer_q", "--candidate-tokens", 3, "--rollout-len", 2)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tq_models")
-    for name, seed, shift in (("policy", 0, 0), ("baseline", 7, 0), ("other", 8, 1)):
-        tiny_llama(seed=seed).save_pretrained(root / name)
-        tiny_tokenizer(shift=shift).save_pretrained(root / name)
-    return {name: str(root / name) for name in ("policy", "baseline", "other")}
+    return {name: save_model(root / name, seed=seed, shift=shift)
+            for name, seed, shift in (("policy", 0, 0), ("baseline", 7, 0), ("other", 8, 1))}
 
 
 @pytest.fixture
 def prompts(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return str(path)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 
 def run_ok(models, prompts, out, *extra):
-    result = invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out, "--max-new-tokens", 4,
-                    "--temperature", 0, "--quiet", *extra)
-    assert result.exit_code == 0, result.stderr
-    return [json.loads(line) for line in Path(out).read_text().splitlines()]
+    return cli_run_ok(models["policy"], prompts, out, "--temperature", 0, *extra, max_new_tokens=4)
 
 
 def one_line_error(result, fragment):

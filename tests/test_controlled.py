@@ -4,7 +4,6 @@ softmax(log p / T + sum_i w_i V_i) recomputed from scratch, for Q-head and top-k
 The tiny models run in float64 so the forward passes add no noise: what is compared is the mix."""
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -14,17 +13,8 @@ from align_decode import AlignedModel, QValueModel, ScalarValueModel, TokenwiseC
 from align_decode.rewards import CallableReward, PrefixRewardGuide
 from tiny import EOS, PAD, tiny_tokenizer
 from tiny import tiny_llama as _tiny_llama
+from tiny import tiny_llama64 as tiny_llama
 
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ConstantIds:

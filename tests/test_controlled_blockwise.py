@@ -2,7 +2,6 @@
 best-of-K) and the exact law in between (best-of-K over each block from its prefix), by enumeration."""
 
 import collections
-import functools
 
 import pytest
 import torch
@@ -13,18 +12,8 @@ from enumerate_law import TableReward, chi_square_p, next_token_probs, response_
 from test_best_of_n import bon_law
 from test_controlled import tiny_value_head
 from tiny import EOS, PAD, tiny_tokenizer
-from tiny import tiny_llama as _tiny_llama
+from tiny import tiny_llama64 as tiny_llama
 
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 VOCAB, PROMPT = 5, [3, 4]
 
 

@@ -3,17 +3,13 @@
 Formula tests run the tiny models in float64 so the forward pass adds no noise: what is compared is
 the mixing itself (done in float32), to 1e-5."""
 
-import functools
-
 import pytest
 import torch
 from scipy.stats import chisquare
 
 from align_decode import ARM, AlignedModel, GenARM, PromptedARM
 from tiny import EOS, PAD, tiny_tokenizer
-from tiny import tiny_llama as _tiny_llama
-
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
+from tiny import tiny_llama64 as tiny_llama
 
 
 def _prompts(vocab):

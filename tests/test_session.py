@@ -1,15 +1,11 @@
 """ModelSession: cached decoding, forking, cutting back and compaction equal recomputation from scratch."""
 
-import functools
-
 import pytest
 import torch
 
 from align_decode.decoding import ModelSession, left_pad
 from tiny import PAD
-from tiny import tiny_llama as _tiny_llama
-
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
+from tiny import tiny_llama64 as tiny_llama
 ATOL = 1e-9
 
 

@@ -1,15 +1,11 @@
 """Top-k guides: the draw is restricted to the policy's top-k tokens and reweighted by the guide."""
 
-import functools
-
 import torch
 
 from align_decode import AlignedModel
 from align_decode.decoding import TokenStrategy
 from align_decode.rewards import TopKGuide
-from tiny import tiny_llama as _tiny_llama
-
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
+from tiny import tiny_llama64 as tiny_llama
 
 
 class ParityGuide(TopKGuide):

@@ -6,7 +6,6 @@ The tiny models run in float64 so cached and from-scratch forwards agree to ~1e-
 test the method, not float32 noise."""
 
 import copy
-import functools
 import math
 
 import pytest
@@ -16,9 +15,7 @@ from align_decode import AlignedModel, TransferQ
 from align_decode.decoding.transfer_q import q_estimate
 from align_decode.rewards import SequenceReward
 from tiny import EOS, PAD, tiny_tokenizer
-from tiny import tiny_llama as _tiny_llama
-
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
+from tiny import tiny_llama64 as tiny_llama
 VOCAB = 40
 
 

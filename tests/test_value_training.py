@@ -1,7 +1,6 @@
 """CD-FUDGE: the regression target, its fixed point V*(prefix) = E[r | prefix] by enumeration, and a
 trained value model saved, loaded back and decoding."""
 
-import functools
 import math
 
 import pytest
@@ -25,17 +24,8 @@ from align_decode.rewards.value_training import (
 from enumerate_law import TableReward, next_token_probs, response_law
 from tiny import EOS, tiny_tokenizer
 from tiny import tiny_llama as _tiny_llama
+from tiny import tiny_llama64 as tiny_llama
 
-tiny_llama = functools.partial(_tiny_llama, dtype=torch.float64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 VOCAB, CAP, PROMPT, SAMPLES = 5, 2, [3, 4], 4000
 
 

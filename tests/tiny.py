@@ -42,6 +42,11 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, layers: int = 2, hidden: int
     return model
 
 
+def tiny_llama64(*args, **kwargs) -> LlamaForCausalLM:
+    """tiny_llama in float64: for tests that compare a formula with recomputation from scratch."""
+    return tiny_llama(*args, **{"dtype": torch.float64, **kwargs})
+
+
 def tiny_tokenizer(vocab_size: int = 64, name: str = "tiny-tok", shift: int = 0) -> PreTrainedTokenizerFast:
     """A word-level tokenizer: specials first, then words 'w0', 'w1', ... ('w{i+shift}' at id i, so a
     nonzero shift makes a tokenizer of the same size with different tokens)."""

@@ -13,7 +13,6 @@ P(y) = p(y) / p(r(Y) = r(y)) * (F(r(y))^N - F-(r(y))^N). N = 1 is p itself.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import replace
 from typing import Callable
 

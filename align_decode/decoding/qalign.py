@@ -22,7 +22,6 @@ longer over a fixed set of responses); the default "response" caps the whole res
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Callable
 
 import torch
