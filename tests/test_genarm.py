@@ -244,3 +244,29 @@ def test_all_rows_follow_the_weights_given_per_call_without_reloading():
                              strategy=base.with_weights([w])) for w in (0.0, 5.0, 50.0)]
     assert torch.equal(outs[0], policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
     assert not torch.equal(outs[0], outs[2])
+
+
+def test_a_prompted_arm_on_the_policy_itself_shares_its_forward_and_keeps_the_law():
+    import copy
+
+    tok = tiny_tokenizer(64)
+    policy = tiny_llama(64, seed=19)
+    twin = copy.deepcopy(policy)  # same weights, another object: decoded with separate forwards
+    enc = tok.apply_chat_template([[{"role": "user", "content": "w1 w2"}], [{"role": "user", "content": "w3"}]],
+                                  add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=0, return_dict_in_generate=True, output_scores=True,
+              seed=[4, 5], eos_token_id=[])
+    calls = []
+    for m in (policy, twin):
+        m.register_forward_hook(lambda module, args, output: calls.append(module))
+    fused = AlignedModel(policy, tokenizer=tok, strategy=GenARM(PromptedARM(policy, tok, "w40"), beta=0.5)).generate(
+        **enc, **kw)
+    # Two prefills, then one forward per new token for policy and ARM together.
+    assert len(calls) == 2 + 5 and all(c is policy for c in calls)
+    calls.clear()
+    separate = AlignedModel(policy, tokenizer=tok, strategy=GenARM(PromptedARM(twin, tok, "w40"), beta=0.5)).generate(
+        **enc, **kw)
+    assert len(calls) == 2 * (1 + 5)
+    assert torch.equal(fused.sequences, separate.sequences)
+    for a, b in zip(fused.scores, separate.scores):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .joint import fuse_same_model
 from .loop import Decoded, decode
 from .prompts import PromptBatch
 from .session import ModelSession
@@ -94,6 +95,8 @@ class TokenStrategy(Strategy):
         rows_batch = batch.repeat_interleave(n)
         session, logits = policy.start(batch, width, repeats=n)
         states = [g.start(rows_batch, width) for g in guides]
+        # A guide that is the policy's own model (a prompted ARM) shares the policy's forward passes.
+        session, states = fuse_same_model(session, states)
         device = logits.device
         seeds = settings.row_seeds(batch.size, n, device)
         w = torch.tensor(weights, dtype=torch.float32, device=device).expand(rows_batch.size, len(guides))
