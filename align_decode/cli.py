@@ -3,9 +3,32 @@
     align-decode run --prompts examples/prompts.jsonl --out out.jsonl
     align-decode run --method genarm --model DIR --arm DIR --beta 1.0 --prompts p.jsonl --out out.jsonl
     align-decode models | methods | rewards
+    align-decode make-preferences --prompts p.jsonl --reward sentiment --out prefs.jsonl
+    align-decode train-arm --preferences prefs.jsonl --out arm/      (then: run --method genarm --arm arm/)
+    align-decode train-value --prompts p.jsonl --reward sentiment --out value/   (cd_tokenwise --value-model)
 
 Errors are one line on stderr (`align-decode: error: ...`) with exit status 2 for bad input or options,
 1 when generation fails part-way; --debug shows the traceback instead.
+
+Sampling through vLLM (best_of_n, qalign, transfer_q; `pip install 'align-decode[vllm]'`):
+
+    align-decode run --method best_of_n --n 64 --backend vllm --tensor-parallel-size 4 --model DIR ...
+    align-decode run --method qalign --steps 64 --backend vllm --max-model-len 4096 --model DIR ...
+    align-decode run --method transfer_q --baseline DIR --backend vllm ...
+
+--backend vllm builds one vLLM engine per run, on the policy's folder (transfer_q: on --baseline's, which
+rolls out). best_of_n draws its --n candidates as one request per prompt (vLLM's own n-sampling); qalign
+resubmits each chain's prompt + kept prefix every step, served by vLLM's prefix cache; transfer_q runs
+every rollout of a step in one call, while the prior's top-k and the draw stay in process. best_of_n and
+qalign then load no local copy of the policy (only its tokenizer): the engine's parallelism carries the
+model. --tensor-parallel-size (GPUs per model replica, splitting every layer), --pipeline-parallel-size
+(layer stages, across nodes with Ray), --gpu-memory-utilization (the share of each GPU vLLM may take,
+default 0.9), --max-model-len (prompt + response tokens per sequence, default the model's; lower it
+to fit the KV cache) and --enforce-eager (no torch.compile or CUDA graphs: a start-up in seconds, less
+memory, slower decoding) go to `vllm.LLM`, with --dtype (auto: bfloat16 on GPU, float32 on CPU). Prompts
+are seeded per prompt as with --backend hf, but vLLM's sampler draws other tokens for one seed (the same
+law; greedy decoding agrees). Raise --batch-size: vLLM schedules all of a batch's requests together.
+On vLLM's CPU build, VLLM_ENABLE_V1_MULTIPROCESSING=0 starts the engine in seconds rather than ~30 s.
 """
 
 from __future__ import annotations
@@ -22,7 +45,7 @@ from .config import apply_config
 from .io.console import Console
 from .io.prompts_file import FORMATS
 from .io.results import encode_line
-from .methods import DEFAULT_METHOD, METHOD_OPTIONS, METHODS
+from .methods import BACKENDS, DEFAULT_METHOD, METHOD_OPTIONS, METHODS
 from .runner import DTYPES, RunConfig, RunFailure, Terminated, run
 
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -88,6 +111,19 @@ def _method_options(command):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="auto: float32 on CPU, bfloat16 on GPU")
+@click.option("--backend", type=click.Choice(BACKENDS), default="hf", show_default=True,
+              help="where sampling runs: in process (transformers), or a vLLM engine [vllm: best_of_n, qalign, "
+              "transfer_q's rollouts]")
+@click.option("--tensor-parallel-size", type=int, default=None, metavar="N",
+              help="vLLM: GPUs that split every layer of the model [default: 1]")
+@click.option("--pipeline-parallel-size", type=int, default=None, metavar="N",
+              help="vLLM: pipeline stages of layers (across nodes with Ray) [default: 1]")
+@click.option("--gpu-memory-utilization", type=float, default=None, metavar="F",
+              help="vLLM: share of each GPU's memory the engine may take [default: vLLM's, 0.9]")
+@click.option("--max-model-len", type=int, default=None, metavar="N",
+              help="vLLM: most prompt + response tokens per sequence [default: the model's context length]")
+@click.option("--enforce-eager", is_flag=True,
+              help="vLLM: no torch.compile / CUDA graphs: starts in seconds and takes less memory, decodes slower")
 @click.option("--no-chat-template", is_flag=True,
               help="feed prompts as plain text even when the model has a chat template")
 @click.option("--prompt-format", type=click.Choice(FORMATS), default="auto", show_default=True,
@@ -210,6 +246,191 @@ def rewards_command():
     click.echo("module:function or path/to/file.py:function: a SequenceReward, or a function "
                "(prompts, completions) -> floats")
     click.echo("none: no reward")
+
+
+# ---------------------------------------------------------------------------- training the guides
+def _run_job(ctx: click.Context, job, summary=None):
+    """Run a training command's job with the run command's error handling: bad input exits 2 with one
+    line, a failure part-way exits 1; --debug shows the traceback. Prints the summary (or its JSON)."""
+    p = ctx.params
+    console = Console(quiet=p["quiet"])
+    try:
+        from .training_cli import set_threads
+
+        set_threads(p["threads"])
+        with _library_output(console, p["debug"]):
+            result = job(console)
+    except KeyboardInterrupt:
+        ctx.exit(130)
+    except Exception as e:
+        if p["debug"]:
+            raise
+        if isinstance(e, _INPUT_ERRORS):
+            _error(str(e))
+            ctx.exit(USAGE_ERROR)
+        _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        ctx.exit(RUN_ERROR)
+    if summary is not None:
+        console.note(summary(result))
+    if p["json_summary"]:
+        click.echo(encode_line(result).decode("utf-8"), nl=False)
+
+
+def _common_training_options(command):
+    for option in reversed([
+        click.option("--model", metavar="DIR", help="policy model folder [default: the bundled SmolLM2-135M-Instruct]"),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, ... (auto: cuda when available)"),
+        click.option("--threads", type=int, default=None,
+                     help="torch threads (on a shared machine, at most the free cores) [default: torch's]"),
+        click.option("--quiet", "-q", is_flag=True, help="no notes or summary on stderr (warnings stay)"),
+        click.option("--json-summary", is_flag=True, help="print the summary as one JSON object on stdout"),
+        click.option("--debug", is_flag=True, help="show tracebacks and library logs"),
+    ]):
+        command = option(command)
+    return command
+
+
+def _prompt_options(command):
+    for option in reversed([
+        click.option("--prompts", required=True, metavar="FILE",
+                     help="JSONL ({id, prompt} or {id, messages}) or text, one prompt per line"),
+        click.option("--reward", metavar="SPEC", help="the reward, as `run --reward` takes it (see `align-decode rewards`)"),
+        click.option("--no-chat-template", is_flag=True,
+                     help="feed prompts as plain text even when the model has a chat template"),
+        click.option("--prompt-format", type=click.Choice(FORMATS), default="auto", show_default=True),
+        click.option("--max-new-tokens", type=int, default=48, show_default=True),
+        click.option("--temperature", type=float, default=1.0, show_default=True,
+                     help="sampling temperature of the policy (1 samples the policy itself)"),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        command = option(command)
+    return command
+
+
+@cli.command("make-preferences", epilog=(
+    "Each prompt gets --samples responses from the policy; the best and the worst by --reward become "
+    "one {id, prompt, chosen, rejected} line, the input of `align-decode train-arm`. Prompts whose "
+    "samples all score within --min-margin of each other get no line."
+))
+@_prompt_options
+@click.option("--out", required=True, metavar="FILE", help="output JSONL, one pair per line, appended as made")
+@click.option("--samples", "-k", type=int, default=8, show_default=True, help="responses sampled per prompt")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off")
+@click.option("--min-margin", type=float, default=0.0, show_default=True,
+              help="skip a prompt unless r(best) - r(worst) is above this")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="prompts sampled together")
+@click.option("--max-rows", type=int, default=64, show_default=True, help="most rows per forward pass")
+@click.option("--resume", is_flag=True, help="continue an existing output, skipping the ids already in it")
+@_common_training_options
+@click.pass_context
+def make_preferences_command(ctx: click.Context, **p):
+    """Sample responses, score them with a reward and pair the best with the worst (ARM training data)."""
+    from .preferences import PreferenceSettings
+    from .training_cli import PreferenceJob, make_preferences
+
+    def job(console):
+        settings = PreferenceSettings(samples=p["samples"], max_new_tokens=p["max_new_tokens"],
+                                      temperature=p["temperature"], top_k=p["top_k"], top_p=p["top_p"],
+                                      min_margin=p["min_margin"], batch_size=p["batch_size"],
+                                      max_rows=p["max_rows"], seed=p["seed"])
+        spec = PreferenceJob(prompts=p["prompts"], out=p["out"], reward=p["reward"], model=p["model"],
+                             settings=settings, chat_template=not p["no_chat_template"],
+                             prompt_format=p["prompt_format"], resume=p["resume"], device=p["device"])
+        console.start_clock()
+        result = make_preferences(spec, note=console.note, progress=lambda done, total: console.progress(done, total, 0))
+        console.clear_bar()
+        return result
+
+    def summary(s):
+        text = f"{s['pairs']} pair(s) written to {s['out']}"
+        if s["skipped"]:
+            text += f"; {s['skipped']} prompt(s) skipped (margin not above {s['settings']['min_margin']})"
+        if s.get("mean_margin") is not None:
+            text += f"; mean reward {s['mean_reward']:.4f}, mean margin {s['mean_margin']:.4f}, {s['seconds']:.0f} s"
+        return text
+
+    _run_job(ctx, job, summary)
+
+
+@cli.command("train-arm", epilog=(
+    "The loss is GenARM's: -log sigmoid(beta_r * (sum log pi_r(chosen) - sum log pi_r(rejected) - gamma / beta_r)). "
+    "The ARM starts from the policy (LoRA adapters, merged when saved, or full fine-tuning with --lora-r 0), "
+    "or from its first --layers blocks. Decode with it: align-decode run --method genarm --arm DIR."
+))
+@click.option("--preferences", required=True, metavar="FILE", help="JSONL of {prompt, chosen, rejected}")
+@click.option("--out", required=True, metavar="DIR", help="new folder for the ARM (a plain model folder)")
+@click.option("--layers", type=int, default=None, help="keep only the policy's first N blocks (a small ARM)")
+@click.option("--beta-r", type=float, default=0.1, show_default=True, help="beta_r of the loss, > 0")
+@click.option("--gamma", type=float, default=0.0, show_default=True, help="target margin gamma")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="in [0, 0.5)")
+@click.option("--loss", "loss_type", type=click.Choice(["sigmoid", "hinge"]), default="sigmoid", show_default=True)
+@click.option("--length-normalize", is_flag=True, help="average the log-probs instead of summing (testing only)")
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="pairs per forward pass")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="batches per optimizer step")
+@click.option("--max-length", type=int, default=256, show_default=True, help="tokens of prompt + response")
+@click.option("--max-prompt-length", type=int, default=128, show_default=True)
+@click.option("--lora-r", type=int, default=8, show_default=True, help="LoRA rank; 0 trains every weight")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--eval-fraction", type=float, default=0.1, show_default=True,
+              help="pairs held out to measure the ARM before and after training")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-chat-template", is_flag=True, help="read prompts as plain text (as make-preferences was run)")
+@_common_training_options
+@click.pass_context
+def train_arm_command(ctx: click.Context, **p):
+    """Train an autoregressive reward model (GenARM) on preference pairs."""
+    from .rewards.arm_training import ARMTrainingConfig
+    from .training_cli import ARMJob, arm_summary, train_arm_job
+
+    def job(console):
+        config = ARMTrainingConfig(
+            beta_r=p["beta_r"], gamma=p["gamma"], label_smoothing=p["label_smoothing"], loss_type=p["loss_type"],
+            length_normalize=p["length_normalize"], lr=p["lr"], epochs=p["epochs"], batch_size=p["batch_size"],
+            grad_accum=p["grad_accum"], max_length=p["max_length"], max_prompt_length=p["max_prompt_length"],
+            lora_r=p["lora_r"], lora_alpha=p["lora_alpha"], lora_dropout=p["lora_dropout"],
+            eval_fraction=p["eval_fraction"], seed=p["seed"], chat_template=not p["no_chat_template"],
+        )
+        return train_arm_job(ARMJob(p["preferences"], p["out"], model=p["model"], layers=p["layers"], config=config,
+                                    device=p["device"]), note=console.note)
+
+    _run_job(ctx, job, arm_summary)
+
+
+@cli.command("train-value", epilog=(
+    "CD-FUDGE: sample --samples rollouts per prompt from the policy, score them with --reward, and regress "
+    "the value of every prefix onto its rollout's reward. Decode with it: "
+    "align-decode run --method cd_tokenwise --value-model DIR."
+))
+@_prompt_options
+@click.option("--out", required=True, metavar="DIR", help="new folder for the value model")
+@click.option("--kind", type=click.Choice(["q", "scalar"]), default="q", show_default=True,
+              help="q: a Q-head over every next token (one forward per token); scalar: a prefix scorer read on "
+              "the policy's top-k tokens")
+@click.option("--layers", type=int, default=None, help="keep only the policy's first N blocks (a small value model)")
+@click.option("--samples", "-k", type=int, default=8, show_default=True, help="rollouts per prompt")
+@click.option("--steps", type=int, default=200, show_default=True, help="optimizer steps")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="distinct rollouts per step")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--max-rows", type=int, default=64, show_default=True, help="most rows per forward pass when sampling")
+@_common_training_options
+@click.pass_context
+def train_value_command(ctx: click.Context, **p):
+    """Train a controlled-decoding value model with CD-FUDGE."""
+    from .training_cli import ValueJob, ValueSettings, train_value_job, value_summary
+
+    def job(console):
+        settings = ValueSettings(kind=p["kind"], layers=p["layers"], samples=p["samples"],
+                                 max_new_tokens=p["max_new_tokens"], temperature=p["temperature"], steps=p["steps"],
+                                 batch_size=p["batch_size"], lr=p["lr"], max_rows=p["max_rows"], seed=p["seed"])
+        return train_value_job(ValueJob(p["prompts"], p["out"], p["reward"], model=p["model"], settings=settings,
+                                        chat_template=not p["no_chat_template"], prompt_format=p["prompt_format"],
+                                        device=p["device"]), note=console.note)
+
+    _run_job(ctx, job, value_summary)
 
 
 def main(argv=None) -> None:

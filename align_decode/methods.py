@@ -17,6 +17,10 @@ Adding a method:
 
     register_method(Method("tqstar", "Transfer Q*: ...", _build_tqstar, options=("lookahead",), needs_reward=True))
 
+`--backend vllm` sends a method's sampling to a vLLM engine (built once per run, on the folder the
+method names through `ctx.engine()`); a method lists the backends it runs on in `backends`, and sets
+`engine_only` when, under an engine, it needs no local copy of the policy (only its tokenizer).
+
 `--n` asks for n rows per prompt (num_return_sequences), all written as candidates, the first as the
 completion. A method whose n means something else sets `n_is_candidates` (best-of-N: n candidates, one
 answer) and reads ctx.n; a method whose run() returns its candidates and choice another way (in
@@ -34,6 +38,8 @@ import click
 # A steering instruction that makes sense for any chat model out of the box (the default method).
 DEFAULT_ARM_PROMPT = "Reply in a warm, kind and positive tone."
 DEFAULT_METHOD = "genarm"
+# Where sampling runs: in process (transformers + this package's loop), or in a vLLM engine.
+BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class BuildContext:
     rewards: dict = field(default_factory=dict)  # {spec: SequenceReward}, in --reward order
     n: int = 1  # --n
     _loaded: dict = field(default_factory=dict)
+    backend: str = "hf"  # --backend
+    engine_options: dict = field(default_factory=dict)  # vllm.LLM keyword arguments (--tensor-parallel-size, ...)
+    _engines: dict = field(default_factory=dict)
 
     @property
     def reward(self):
@@ -97,6 +106,25 @@ class BuildContext:
         if path not in self._loaded:
             self._loaded[path] = load_model(path, device=self.device, dtype=self.dtype)
         return self._loaded[path]
+
+    def engine(self, name_or_path=None):
+        """The sampling backend serving a model folder (the policy's by default), built once per run and
+        folder; None with --backend hf."""
+        if self.backend == "hf":
+            return None
+        from .models import resolve_model_path
+
+        path = (self.policy_path if name_or_path is None else resolve_model_path(name_or_path)).resolve()
+        if path not in self._engines:
+            from .decoding.backends import VLLMBackend
+
+            self._engines[path] = VLLMBackend(path, **self.engine_options)
+        return self._engines[path]
+
+    def close_engines(self) -> None:
+        """Stop the engines this context built (their memory and worker processes go back)."""
+        while self._engines:
+            self._engines.popitem()[1].close()
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,8 @@ class Method:
     layout: Callable[[Any, int], list[PromptOutput]] = rows_layout  # (Decoded, prompts) -> one per prompt
     needs_reward: bool = False  # the method selects or steers with the first --reward (ctx.reward)
     n_is_candidates: bool = False  # --n is the method's own candidate count; one row per prompt comes back
+    backends: tuple[str, ...] = ("hf",)  # where its sampling can run (--backend)
+    engine_only: bool = False  # under an engine backend, no policy forward pass runs in process
 
 
 METHOD_OPTIONS: dict[str, MethodOption] = {}
@@ -157,6 +187,17 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_backend(method: Method, backend: str) -> None:
+    """Refuse a backend the method cannot run on, naming the methods that can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in method.backends:
+        able = ", ".join(sorted(m.name for m in METHODS.values() if backend in m.backends))
+        raise ValueError(
+            f"--backend {backend} does not apply to method {method.name!r} (methods that run on it: {able})"
+        )
 
 
 def check_applicable(method: Method, given: dict[str, str]) -> None:
@@ -263,7 +304,7 @@ def _build_best_of_n(options: dict, ctx: BuildContext):
         raise ValueError(f"best_of_n with --aggregate {aggregate} needs a reward: pass --reward NAME")
     beta = 1.0 if options["beta"] is None else options["beta"]
     extract = _extractor(options) if aggregate != "best" else None
-    return BestOfN(reward=ctx.reward, n=ctx.n, aggregate=aggregate, beta=beta, extract=extract)
+    return BestOfN(reward=ctx.reward, n=ctx.n, aggregate=aggregate, beta=beta, extract=extract, backend=ctx.engine())
 
 
 def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -287,7 +328,7 @@ def _build_qalign(options: dict, ctx: BuildContext):
     defaults = {"beta": 1.0, "steps": 16, "burn_in": 0, "thin": 1, "length_cap": "response"}
     given = {k: default if options[k] is None else options[k] for k, default in defaults.items()}
     extract = _extractor(options) if answer == "majority" else None
-    return QAlign(reward=ctx.reward, chains=chains, answer=answer, extract=extract, **given)
+    return QAlign(reward=ctx.reward, chains=chains, answer=answer, extract=extract, backend=ctx.engine(), **given)
 
 
 def _qalign_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -314,6 +355,8 @@ register_method(Method(
     options=("aggregate", "beta", "answer_kind"),
     layout=_best_of_n_layout,
     n_is_candidates=True,
+    backends=BACKENDS,
+    engine_only=True,
 ))
 register_method(Method(
     "qalign",
@@ -322,6 +365,8 @@ register_method(Method(
     options=("beta", "steps", "chains", "burn_in", "thin", "chain_answer", "answer_kind", "length_cap"),
     layout=_qalign_layout,
     needs_reward=True,
+    backends=BACKENDS,
+    engine_only=True,
 ))
 
 
@@ -477,7 +522,8 @@ def _build_transfer_q(options: dict, ctx: BuildContext):
     if options["importance_weights"] is not None:
         given["normalize_weights"] = options["importance_weights"] == "normalized"
     strategy = TransferQ(model, ctx.reward, baseline_tokenizer=tokenizer, transfer=transfer,
-                         baseline_reward=baseline_reward, **{k: v for k, v in given.items() if v is not None})
+                         baseline_reward=baseline_reward, backend=ctx.engine(options["baseline"]),
+                         **{k: v for k, v in given.items() if v is not None})
     # A baseline with another tokenizer (or k beyond the vocabulary) fails here, before any prompt runs.
     strategy.guide.width_for(ctx.policy.model, ctx.policy.tokenizer)
     return strategy
@@ -491,4 +537,5 @@ register_method(Method(
     options=("baseline", "alpha", "candidate_tokens", "rollout_len", "num_rollouts", "rollout_sampling", "transfer",
              "importance_weights", "beta", "prior"),
     needs_reward=True,
+    backends=BACKENDS,  # the rollouts run in the engine (on the --baseline folder); the prior in process
 ))

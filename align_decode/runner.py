@@ -2,7 +2,8 @@
 
 Every prompt gets its own seed, derived from the run's --seed and the prompt's id. The decoding loop
 draws each row from its prompt's seed alone, so a prompt's output does not depend on which batch,
-shard or resumed run it falls in.
+shard or resumed run it falls in. With --backend vllm the engine seeds each request from the prompt's
+seed the same way (vLLM's sampler draws other tokens than ours for one seed, from the same law).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from pathlib import Path
 from .io.console import Console
 from .io.prompts_file import FORMATS, PromptFileError, PromptRecord, parse_shard, read_prompts, shard_records
 from .io.results import ResultsFile, encode_line
-from .methods import DEFAULT_METHOD, BuildContext, check_applicable, get_method
+from .methods import BACKENDS, DEFAULT_METHOD, BuildContext, check_applicable, check_backend, get_method
 from .rewards.registry import RewardContext, build_rewards, check_specs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# RunConfig fields that become vllm.LLM keyword arguments (under the same names) with --backend vllm.
+ENGINE_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
+                  "enforce_eager")
 
 
 class RunFailure(RuntimeError):
@@ -60,6 +64,12 @@ class RunConfig:
     skip_bad_lines: bool = False
     shard: str | None = None
     given: dict = field(default_factory=dict)  # {option: where it was set}, for the method check
+    backend: str = "hf"
+    tensor_parallel_size: int | None = None
+    pipeline_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -84,6 +94,24 @@ class RunConfig:
         if self.prompt_format not in FORMATS:
             raise ValueError(f"--prompt-format must be one of {FORMATS}, got {self.prompt_format!r}")
         parse_shard(self.shard)  # validates the format
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name, value in self.engine_options().items():
+            flag = "--" + name.replace("_", "-")
+            if self.backend != "vllm":
+                raise ValueError(f"{flag} is an option of the vLLM engine: it needs --backend vllm")
+            if isinstance(value, bool):
+                continue
+            if name == "gpu_memory_utilization":
+                if not 0 < value <= 1:
+                    raise ValueError(f"{flag} must be in (0, 1], got {value}")
+            elif value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+
+    def engine_options(self) -> dict:
+        """The vLLM engine options that were set, as `vllm.LLM` keyword arguments."""
+        values = {name: getattr(self, name) for name in ENGINE_OPTIONS}
+        return {name: v for name, v in values.items() if v is not None and v is not False}  # 0 is a value
 
     @property
     def do_sample(self) -> bool:
@@ -234,6 +262,14 @@ class Run:
         self.console = console or Console()
         self.method = get_method(config.method)
         check_applicable(self.method, config.given)
+        check_backend(self.method, config.backend)
+        if config.backend == "vllm":
+            import importlib.util
+
+            from .decoding.backends.vllm_backend import INSTALL_HINT
+
+            if importlib.util.find_spec("vllm") is None:  # found without importing it
+                raise ValueError(f"--backend vllm needs vLLM, which is not installed: {INSTALL_HINT}")
         shard_i, shard_n = parse_shard(config.shard)
         self.shard = f"{shard_i}/{shard_n}"
         if Path(config.out).resolve() == Path(config.prompts).resolve():
@@ -242,6 +278,12 @@ class Run:
         records = read_prompts(config.prompts, config.prompt_format, config.skip_bad_lines, warn=self.console.warn)
         self.records = shard_records(records, shard_i, shard_n)
         self.out = ResultsFile(config.out, resume=config.resume, warn=self.console.warn)
+
+    def close(self) -> None:
+        """Stop the engines the run started (--backend vllm), if any."""
+        context = getattr(self, "context", None)
+        if context is not None:
+            context.close_engines()
 
     def generate(self) -> Summary:
         config, console = self.config, self.console
@@ -282,16 +324,27 @@ class Run:
         if config.model is None and list_local_models()[0]["status"] == "convertible":
             console.note("converting the bundled default model once (about half a minute)")
         path = resolve_model_path(config.model)
-        console.note(f"loading {path} ({device}, {dtype})")
-        model, tokenizer = load_model(path, device=device, dtype=dtype)
-        self.policy = Policy(model, tokenizer)
+        if config.backend != "hf" and self.method.engine_only:
+            from .decoding.backends import EnginePolicy
+
+            # Every policy forward pass runs in the engine: only the tokenizer and configs load here.
+            console.note(f"starting {config.backend} on {path} ({dtype})")
+            self.policy = EnginePolicy.from_folder(path)
+            model, tokenizer = self.policy.model, self.policy.tokenizer
+        else:
+            console.note(f"loading {path} ({device}, {dtype})")
+            model, tokenizer = load_model(path, device=device, dtype=dtype)
+            self.policy = Policy(model, tokenizer)
         self.device = device
         reward_context = RewardContext(device, dtype, tokenizer, pending)
         self.rewards = build_rewards(config.rewards, reward_context, note=console.note)
         if self.method.needs_reward and not self.rewards:
             raise ValueError(f"method {self.method.name!r} needs a reward: pass --reward NAME")
         options = {name: config.method_options.get(name) for name in self.method.options}
-        context = BuildContext(self.policy, path, device, dtype, self.rewards, n=config.n)
+        self.context = context = BuildContext(
+            self.policy, path, device, dtype, self.rewards, n=config.n,
+            backend=config.backend, engine_options={"dtype": dtype, **config.engine_options()},
+        )
         self.strategy = self.method.build(options, context)
         hyper = {k: v for k, v in options.items() if v not in (None, ())}
         hyper.update(self.strategy.hyperparameters())
@@ -432,4 +485,8 @@ class Run:
 
 def run(config: RunConfig, console: Console | None = None) -> Summary:
     """Check everything, then run the method over the prompts, appending one line per prompt."""
-    return Run(config, console).generate()
+    job = Run(config, console)
+    try:
+        return job.generate()
+    finally:
+        job.close()

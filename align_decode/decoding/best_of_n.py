@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from .candidates import completion_ids, sample_candidates, score_completions
+from .backends.base import SamplingBackend
+from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
 from .loop import Decoded
 from .prompts import PromptBatch
 from .settings import GenerationSettings
@@ -55,6 +56,9 @@ class BestOfN(Strategy):
         proposal: the token-level strategy that draws candidates (plain sampling by default; a GenARM
             proposal gives guided candidates).
         max_rows: most rows decoded at once, so a large n never runs out of memory.
+        backend: a SamplingBackend (e.g. VLLMBackend) that draws the candidates: one request per prompt
+            with n draws, in the engine's batches (max_rows then does not apply); None decodes in process.
+            It samples the policy itself, so it does not combine with a proposal.
 
     Example:
         >>> strategy = BestOfN(reward=PositiveSentiment(), n=16)
@@ -74,6 +78,7 @@ class BestOfN(Strategy):
         extract: Callable[[str], object] | None = None,
         proposal: TokenStrategy | None = None,
         max_rows: int = 64,
+        backend: SamplingBackend | None = None,
     ):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -91,10 +96,18 @@ class BestOfN(Strategy):
             raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
         self.reward, self.n, self.aggregate, self.beta = reward, n, aggregate, float(beta)
         self.extract, self.proposal, self.max_rows = extract, proposal or Sample(), max_rows
+        if backend is not None and not isinstance(backend, SamplingBackend):
+            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
+        if backend is not None and proposal is not None:
+            raise ValueError(f"a backend samples the policy itself; proposal={proposal.name!r} runs in process only")
+        self.backend = backend
 
     def hyperparameters(self) -> dict:
-        return {"n": self.n, "aggregate": self.aggregate, "beta": self.beta, "max_rows": self.max_rows,
-                "reward": getattr(self.reward, "name", None), "proposal": self.proposal.name}
+        out = {"n": self.n, "aggregate": self.aggregate, "beta": self.beta, "max_rows": self.max_rows,
+               "reward": getattr(self.reward, "name", None), "proposal": self.proposal.name}
+        if self.backend is not None:
+            out["backend"] = self.backend.name
+        return out
 
     def _choose(self, rewards: torch.Tensor | None, answers: list | None, m: int) -> tuple[list[int], object]:
         """Indices (into the n candidates) of the m returned rows, and the voted answer."""
@@ -119,8 +132,11 @@ class BestOfN(Strategy):
             raise ValueError(f"num_return_sequences={m} is more than the n={self.n} candidates")
         if m > 1 and self.aggregate != "best":
             raise ValueError(f"aggregate={self.aggregate!r} returns one answer per prompt; num_return_sequences={m}")
-        cands = sample_candidates(self.proposal, policy, batch, replace(settings, num_return_sequences=1),
-                                  self.n, self.max_rows)
+        if self.backend is None:
+            cands = sample_candidates(self.proposal, policy, batch, replace(settings, num_return_sequences=1),
+                                      self.n, self.max_rows)
+        else:
+            cands = engine_candidates(self.backend, batch, settings, self.n)
         ids = completion_ids(cands)
         texts = None
         prompt_texts = [t for t in batch.prompt_texts(policy.tokenizer) for _ in range(self.n)] \
@@ -146,8 +162,10 @@ class BestOfN(Strategy):
             "candidates": [ids[b * self.n:(b + 1) * self.n] for b in range(batch.size)],
             "chosen": [[i - b * self.n for i in picked[b * m:(b + 1) * m]] for b in range(batch.size)],
             "rewards": rewards,
-            "forward_tokens": None,
+            "forward_tokens": cands.extras.get("engine_forward_tokens"),  # None in process: not counted
         }
+        if "seeds" in cands.extras:
+            extras["seeds"] = cands.extras["seeds"]
         if answers is not None:
             extras["answers"] = [answers[b * self.n:(b + 1) * self.n] for b in range(batch.size)]
             extras["voted"] = voted

@@ -12,6 +12,9 @@ index as an auxiliary variable, so pi is the stationary law (tests check it on a
 
 The kept prefix is never recomputed: each chain keeps its KV cache; a proposal continues a copy of it cut
 back to y_<i (re-feeding one token for its logits), and the chain keeps whichever cache its MH step keeps.
+With an engine backend (`backend=VLLMBackend(...)`) each step submits every chain's prompt + y_<i as token
+ids with the remaining budget, and the engine's prefix cache serves the kept prefix; the index, the
+acceptance draw and the suffix seed of each chain and step are the same as in process.
 
 Official-code compatibility: rewards are clamped to ±40 (reward_clamp) and the log-ratio to ±20
 (log_ratio_clamp). `length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole
@@ -27,6 +30,7 @@ from typing import Callable
 import torch
 
 from ..kernels import derive_seeds, row_uniform
+from .backends.base import SamplingBackend
 from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode
@@ -74,7 +78,10 @@ class QAlign(Strategy):
         length_cap: "response" (max_new_tokens caps the whole response) or "suffix" (official code).
         reuse_prefix: keep each chain's KV cache and cut it back (default). False re-runs prompt and kept
             prefix from scratch every step, as a plain generate() call would: the same chain, slower;
-            it is the baseline of the benchmark.
+            it is the baseline of the benchmark. Applies in process only.
+        backend: a SamplingBackend (e.g. VLLMBackend) that draws state 0 and every suffix; None decodes in
+            process. The trace's forward_tokens then counts what the engine computed, and cached_tokens
+            the prefix tokens its prefix cache served.
 
     Example:
         >>> strategy = QAlign(reward=PositiveSentiment(), beta=0.5, steps=32)
@@ -99,6 +106,7 @@ class QAlign(Strategy):
         log_ratio_clamp: float | None = 20.0,
         length_cap: str = "response",
         reuse_prefix: bool = True,
+        backend: SamplingBackend | None = None,
     ):
         if reward is None:
             raise ValueError("QAlign needs a reward")
@@ -122,17 +130,29 @@ class QAlign(Strategy):
         self.burn_in, self.thin, self.answer, self.extract = burn_in, thin, answer, extract
         self.reward_clamp, self.log_ratio_clamp, self.length_cap = reward_clamp, log_ratio_clamp, length_cap
         self.reuse_prefix = bool(reuse_prefix)
+        if backend is not None and not isinstance(backend, SamplingBackend):
+            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
+        self.backend = backend
 
     def hyperparameters(self) -> dict:
-        return {"beta": self.beta, "steps": self.steps, "chains": self.chains, "burn_in": self.burn_in,
-                "thin": self.thin, "answer": self.answer, "reward": getattr(self.reward, "name", None),
-                "reward_clamp": self.reward_clamp, "log_ratio_clamp": self.log_ratio_clamp,
-                "length_cap": self.length_cap}
+        out = {"beta": self.beta, "steps": self.steps, "chains": self.chains, "burn_in": self.burn_in,
+               "thin": self.thin, "answer": self.answer, "reward": getattr(self.reward, "name", None),
+               "reward_clamp": self.reward_clamp, "log_ratio_clamp": self.log_ratio_clamp,
+               "length_cap": self.length_cap}
+        if self.backend is not None:
+            out["backend"] = self.backend.name
+        return out
 
     # ------------------------------------------------------------------------------------ the chain
     def _score(self, policy, prompt_texts, prompt_ids, responses) -> torch.Tensor:
         r = score_completions(self.reward, policy.tokenizer, prompt_texts, responses, prompt_ids)
         return clamp_reward(r, self.reward_clamp)
+
+    def _engine_draw(self, prefixes, budget, step_seeds, settings: GenerationSettings, device):
+        """Every chain's suffix from the engine: prefix c (prompt + kept tokens) continued for at most
+        budget[c] tokens, seeded as the in-process draw is. Returns (Decoded rows, the engine's counts)."""
+        sampled = self.backend.generate(prefixes, budget, settings, derive_seeds(step_seeds, _SUFFIX))
+        return sampled.decoded(settings.pad_id, device), sampled.forward_tokens, sampled.cached_tokens
 
     def run(self, policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
         m = settings.num_return_sequences
@@ -143,7 +163,8 @@ class QAlign(Strategy):
         if settings.max_new_tokens < 1:
             raise ValueError("QAlign needs max_new_tokens >= 1")
         settings = settings.with_fixed_seeds(batch.size)
-        width = policy.width()
+        engine = self.backend
+        width = policy.width() if engine is None else engine.vocab_size
         validate_ids(settings.stop_ids, width, "eos_token_id")
         rows = batch.size * self.chains
         chain_seeds = settings.row_seeds(batch.size, self.chains)
@@ -151,8 +172,12 @@ class QAlign(Strategy):
         prompt_texts = [t for t in batch.prompt_texts(policy.tokenizer) for _ in range(self.chains)] if needs_text else None
         prompt_ids = [p.tolist() for p in batch.token_lists() for _ in range(self.chains)]
 
-        session, logits = policy.start(batch, width, repeats=self.chains)
-        device = logits.device
+        if engine is None:
+            session, logits = policy.start(batch, width, repeats=self.chains)
+            device = logits.device
+        else:
+            device = batch.input_ids.device
+        cached_tokens = 0  # prefix tokens an engine's prefix cache served
         cap = settings.max_new_tokens
 
         def draw(session, logits, step_seeds, budget):
@@ -162,11 +187,15 @@ class QAlign(Strategy):
                           pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True)
 
         # State 0: one ancestral sample per chain, recorded as accepted.
-        first = draw(session, logits, derive_seeds(chain_seeds, 0), cap)
+        if engine is None:
+            first = draw(session, logits, derive_seeds(chain_seeds, 0), cap)
+            forward_tokens = session.forward_tokens  # every token position run through the policy
+        else:
+            first, forward_tokens, cached_tokens = self._engine_draw(
+                prompt_ids, torch.full((rows,), cap), derive_seeds(chain_seeds, 0), settings, device)
         state = [first.tokens[c, : int(first.lengths[c])].tolist() for c in range(rows)]
         state_lp = [first.logprobs[c, : int(first.lengths[c])].tolist() for c in range(rows)]
         reward = self._score(policy, prompt_texts, prompt_ids, state)
-        forward_tokens = session.forward_tokens  # every token position run through the policy
         trace = {"states": [list(state)], "state_logprobs": [list(state_lp)], "rewards": [reward.clone()],
                  "accepted": [torch.ones(rows, dtype=torch.bool)], "indices": [], "proposals": [],
                  "proposal_rewards": []}
@@ -177,7 +206,12 @@ class QAlign(Strategy):
             # Position to cut at, uniform on {0, ..., n-1}.
             cut = (row_uniform(step_seeds, _INDEX) * n).floor().long().clamp(max=n - 1)
             budget = ((cap - cut) if self.length_cap == "response" else torch.full_like(cut, cap)).to(device)
-            if self.reuse_prefix:
+            if engine is not None:
+                # prompt + y_<i as token ids: the engine's prefix cache holds the kept prefix.
+                kept = [p + state[c][: int(cut[c])] for c, p in enumerate(prompt_ids)]
+                suffix, used, hit = self._engine_draw(kept, budget, step_seeds, settings, device)
+                forward_tokens, cached_tokens = forward_tokens + used, cached_tokens + hit
+            elif self.reuse_prefix:
                 # The proposal continues a copy of each chain's cache cut back to y_<i.
                 trial = session.fork(torch.arange(rows, device=device))
                 logits = trial.resume_at(trial.prompt_len + cut.to(device))
@@ -193,7 +227,7 @@ class QAlign(Strategy):
             n_new = torch.tensor([len(y) for y in proposal], dtype=torch.long)
             log_a = acceptance_log_ratio(r_new, reward, n_new, n, self.beta, self.log_ratio_clamp)
             accept = torch.log(row_uniform(step_seeds, _ACCEPT)) < log_a
-            if self.reuse_prefix:
+            if self.reuse_prefix and engine is None:
                 forward_tokens += trial.forward_tokens
                 session = ModelSession.merge_rows(session, trial, accept.to(device))
             for c in accept.nonzero().flatten().tolist():
@@ -213,6 +247,8 @@ class QAlign(Strategy):
         trace["rewards"], trace["accepted"] = rewards, accepted
         trace["acceptance_rate"] = accepted[1:].float().mean(0) if self.steps else torch.zeros(rows)
         trace["forward_tokens"] = forward_tokens
+        if engine is not None:
+            trace["cached_tokens"] = cached_tokens
         picks = self._final(policy, rewards, trace["states"], batch.size, m)
         return self._output(picks, trace, settings, device)
 

@@ -16,6 +16,12 @@ At each step, with prior pi (the SFT policy), candidates C = top-k of pi, and an
 All k * n rollouts of a step are one batched decode from forks of the baseline's KV cache of the prefix;
 the prefix is never run again. The baseline's cache follows the decoded rows (one token per step); when
 the baseline is the decoding model itself, the loop's own cache is forked instead.
+
+With an engine backend (`backend=VLLMBackend(baseline_folder)`) the rollouts run in the engine instead:
+all rows x candidates x rollouts of a step in one generate call, each request prompt + response so far +
+candidate as token ids (the engine's prefix cache shares the prefix), with the same seeds and limits;
+no local copy of the baseline's cache is kept. The prior's top-k candidates and the draw still come from
+the in-process policy (one cached forward pass per token, small beside the k * H rollout tokens).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -30,6 +37,7 @@ import torch
 from ..kernels import SamplingRows, derive_seeds
 from ..rewards.guides import LMGuide
 from ..rewards.topk_guides import TopKGuide, TopKGuideState
+from .backends.base import SamplingBackend
 from .candidates import score_completions
 from .loop import Decoded, decode
 from .prompts import PromptBatch
@@ -151,7 +159,8 @@ class TransferQState(TopKGuideState):
             "reward_pairs": self.reward_pairs,
             # The prefix cache's forward tokens (prompts and one token per step, unless the loop's session
             # is shared) plus the rollouts'.
-            "baseline_forward_tokens": self.session.forward_tokens * self.owns_session + self.rollout_forward_tokens,
+            "baseline_forward_tokens": (self.session.forward_tokens if self.owns_session else 0)
+            + self.rollout_forward_tokens,
         }
 
 
@@ -162,8 +171,10 @@ class TransferQGuide(TopKGuide):
 
     def __init__(self, baseline: BaselineModel, reward, *, k: int, rollout_len: int | None, num_rollouts: int,
                  rollout_sampling: str, rollout_temperature: float, baseline_reward, beta: float,
-                 normalize_weights: bool, max_rollout_rows: int, trace_rollouts: bool):
+                 normalize_weights: bool, max_rollout_rows: int, trace_rollouts: bool,
+                 backend: SamplingBackend | None = None):
         super().__init__(k)
+        self.backend = backend
         self.baseline, self.reward, self.baseline_reward = baseline, reward, baseline_reward
         self.rollout_len, self.num_rollouts = rollout_len, num_rollouts
         self.rollout_sampling, self.rollout_temperature = rollout_sampling, rollout_temperature
@@ -187,6 +198,9 @@ class TransferQGuide(TopKGuide):
         decoding model (it holds every row's prefix whenever candidates are scored)."""
         settings = settings or GenerationSettings(max_new_tokens=0)
         seeds = torch.zeros(batch.size, dtype=torch.long) if seeds is None else seeds
+        if self.backend is not None:
+            # The engine rolls out from token ids: no local cache of the baseline follows the rows.
+            return TransferQState(self, batch, None, False, seeds, settings, tokenizer or self.baseline.tokenizer)
         session = shared_session
         if session is None:
             session = ModelSession(self.baseline.model, vocab_size=width)
@@ -214,6 +228,8 @@ class TransferQGuide(TopKGuide):
                   limits: torch.Tensor) -> list[list[int]]:
         """Rollouts from forks of the prefix cache: row rows[j] of the batch, extended by token first[j],
         then up to limits[j] tokens from the baseline. One batched decode per chunk of max_rollout_rows."""
+        if self.backend is not None:
+            return self._engine_rollouts(state, rows, first, seeds, limits)
         out: list[list[int]] = []
         settings, dev = state.settings, state.session.device
         greedy = self.rollout_sampling == "greedy"
@@ -230,6 +246,17 @@ class TransferQGuide(TopKGuide):
             # decode drops finished rows from the fork as it goes; its output keeps every row, in order.
             out += [done.tokens[j, : int(done.lengths[j])].tolist() for j in range(done.lengths.shape[0])]
         return out
+
+    def _engine_rollouts(self, state: TransferQState, rows: torch.Tensor, first: torch.Tensor, seeds: torch.Tensor,
+                         limits: torch.Tensor) -> list[list[int]]:
+        """The same rollouts from the engine, all in one generate call (it batches and schedules them)."""
+        sampling = replace(state.settings, do_sample=self.rollout_sampling == "sample",
+                           temperature=self.rollout_temperature, top_k=0, top_p=1.0, min_p=0.0)
+        prefixes = state.prefixes()
+        starts = [prefixes[r] + [t] for r, t in zip(rows.tolist(), first.tolist())]
+        sampled = self.backend.generate(starts, limits, sampling, seeds)
+        state.rollout_forward_tokens += sampled.forward_tokens
+        return [c.tokens for c in sampled.rows()]
 
     def _score(self, reward, state: TransferQState, rows: list[int], completions: list[list[int]]) -> torch.Tensor:
         prompt_texts = None if state.prompt_texts is None else [state.prompt_texts[b] for b in rows]
@@ -309,7 +336,10 @@ class TransferQ(TokenStrategy):
             the baseline's logits are the prior term and the candidate source; the loop then decodes
             with the baseline model).
         max_rollout_rows: most rollout rows decoded at once (memory bound; results do not depend on it).
+            In process only: an engine schedules the rollouts itself.
         trace_rollouts: keep every rollout's tokens and rewards in the output's trace.
+        backend: a SamplingBackend serving the baseline (e.g. VLLMBackend on the baseline's folder) that
+            runs the rollouts; None rolls out in process. The prior still runs in process.
 
     Example:
         >>> tq = TransferQ(dpo_model, SentimentReward(), baseline_tokenizer=tok, alpha=2.0, k=10, rollout_len=20)
@@ -340,6 +370,7 @@ class TransferQ(TokenStrategy):
         prior: str = "policy",
         max_rollout_rows: int = 256,
         trace_rollouts: bool = False,
+        backend: SamplingBackend | None = None,
     ):
         if isinstance(baseline, LMGuide):
             baseline = BaselineModel(baseline.model, baseline.tokenizer or baseline_tokenizer, name=baseline.name)
@@ -379,13 +410,15 @@ class TransferQ(TokenStrategy):
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if not isinstance(max_rollout_rows, int) or isinstance(max_rollout_rows, bool) or max_rollout_rows < 1:
             raise ValueError(f"max_rollout_rows must be an integer >= 1, got {max_rollout_rows!r}")
+        if backend is not None and not isinstance(backend, SamplingBackend):
+            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
         self.alpha = _check_real(alpha, "alpha")
         self.transfer, self.prior = transfer, prior
         self.guide = TransferQGuide(
             baseline, reward, k=k, rollout_len=rollout_len, num_rollouts=num_rollouts,
             rollout_sampling=rollout_sampling, rollout_temperature=rollout_temperature,
             baseline_reward=baseline_reward, beta=beta, normalize_weights=bool(normalize_weights),
-            max_rollout_rows=max_rollout_rows, trace_rollouts=bool(trace_rollouts),
+            max_rollout_rows=max_rollout_rows, trace_rollouts=bool(trace_rollouts), backend=backend,
         )
 
     @classmethod
@@ -424,6 +457,7 @@ class TransferQ(TokenStrategy):
             "rollout_len": g.rollout_len, "num_rollouts": g.num_rollouts, "rollout_sampling": g.rollout_sampling,
             "rollout_temperature": g.rollout_temperature, "transfer": self.transfer, "beta": g.beta,
             "normalize_weights": g.normalize_weights, "prior": self.prior, "max_rollout_rows": g.max_rollout_rows,
+            **({"backend": g.backend.name} if g.backend is not None else {}),
         }
 
     def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:

@@ -1,0 +1,370 @@
+"""Sampling backends: vLLM behind best-of-N, QAlign and Transfer Q*, and the routing that sends their
+sampling to a backend.
+
+Without vLLM (these run in the main suite): a reference backend that decodes every prefix from scratch
+with this package's own sampler must reproduce the in-process results exactly (QAlign's chains,
+Transfer Q*'s rollouts), so the routing itself changes nothing; the command line refuses what it cannot
+do in one line; importing align_decode never imports vLLM.
+
+With vLLM's CPU build (marker `vllm`: `.venv-vllm/bin/python -m pytest -m vllm tests/`), on tiny saved
+models: vLLM's sampler draws other tokens than ours for one seed, so sampled results are checked through
+their law and invariants, greedy ones token for token against the in-process backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, TransferQ
+from align_decode.decoding import Policy, PromptBatch, decode, left_pad
+from align_decode.decoding.backends import Completion, EnginePolicy, SamplingBackend, Sampled, engine_generate
+from align_decode.decoding.backends.base import as_budgets, as_seeds
+from align_decode.decoding.vocab import output_width
+from align_decode.rewards import SequenceReward
+from cli_support import assert_one_line_error, invoke, run_ok, save_model, write_jsonl
+from enumerate_law import TableReward, chi_square_p, response_law
+from tiny import EOS, PAD, tiny_llama, tiny_tokenizer
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+PROMPTS = [[2, 10, 11, 12], [2, 20, 21], [2, 30, 31, 32, 33]]
+LONG = [2] + [6 + (5 * j) % 50 for j in range(40)]  # longer than one KV block (32): its prefix is cacheable
+
+
+class IdReward(SequenceReward):
+    """A reward of token ids with many ties: (first token mod 3) + (length mod 2) / 2."""
+
+    name = "ids"
+
+    def score_ids(self, prompt_ids, completion_ids):
+        return torch.tensor([float((c[0] % 3) + (len(c) % 2) / 2) if c else 0.0 for c in completion_ids])
+
+    def _score(self, prompts, completions):
+        raise AssertionError("this reward reads token ids")
+
+
+class LoopBackend(SamplingBackend):
+    """A reference engine: the prefixes left-padded and decoded from scratch by this package's loop, prefix
+    i seeded by seeds[i] (draw j of n by seeds[i] + j)."""
+
+    name = "loop"
+
+    def __init__(self, model):
+        self.model = model
+        self.calls = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return output_width(self.model)
+
+    def generate(self, prefixes, max_tokens, settings, seeds, n=1):
+        self.calls += 1
+        budgets = as_budgets(max_tokens, len(prefixes))
+        seeds = as_seeds(seeds, len(prefixes))
+        rows = [(list(p), m, s + j) for p, m, s in zip(prefixes, budgets, seeds) for j in range(n)]
+        batch = PromptBatch(*left_pad([p for p, _, _ in rows], settings.pad_id))
+        session, logits = Policy(self.model).start(batch)
+        out = decode(session, logits, rows=settings.rows(torch.tensor([s for _, _, s in rows])),
+                     max_new_tokens=torch.tensor([m for _, m, _ in rows]), stop_ids=settings.stop_ids,
+                     pad_id=settings.pad_id)
+        done = []
+        for i, (_, _, seed) in enumerate(rows):
+            length = int(out.lengths[i])
+            done.append(Completion(out.tokens[i, :length].tolist(), bool(out.stopped[i]),
+                                   out.logprobs[i, :length].tolist(), seed))
+        return Sampled([done[i * n:(i + 1) * n] for i in range(len(prefixes))], session.forward_tokens)
+
+
+def generate(model, strategy, prompts, **kw):
+    ids, mask = left_pad(prompts, PAD)
+    settings = dict(max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD, top_k=0, return_dict_in_generate=True)
+    return AlignedModel(model, strategy=strategy).generate(input_ids=ids, attention_mask=mask, **{**settings, **kw})
+
+
+def first_best(rewards) -> int:
+    """argmax with the first index winning ties."""
+    values = [float(r) for r in rewards]
+    return values.index(max(values))
+
+
+# ------------------------------------------------------------------------- routing, without vLLM
+@pytest.fixture(scope="module")
+def exact_model():
+    return tiny_llama(64, seed=52, dtype=torch.float64)  # cached and from-scratch forwards agree exactly
+
+
+def test_qalign_through_a_backend_runs_the_same_chains(exact_model):
+    def chains(backend):
+        strategy = QAlign(IdReward(), beta=0.5, steps=6, chains=3, backend=backend)
+        return generate(exact_model, strategy, PROMPTS, do_sample=True, seed=[4, 5, 6], num_return_sequences=3)
+
+    backend = LoopBackend(exact_model)
+    ours, theirs = chains(None), chains(backend)
+    a, b = ours.alignment["trace"], theirs.alignment["trace"]
+    assert backend.calls == 7  # state 0, then one call per step for every chain of every prompt
+    assert a["states"] == b["states"] and all(torch.equal(x, y) for x, y in zip(a["indices"], b["indices"]))
+    assert torch.equal(a["accepted"], b["accepted"]) and torch.equal(a["rewards"], b["rewards"])
+    assert 0 < float(a["accepted"][1:].float().mean()) < 1  # the chains moved, and not always
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert b["forward_tokens"] > a["forward_tokens"]  # from scratch recomputes the kept prefixes
+    assert QAlign(IdReward(), backend=backend).hyperparameters()["backend"] == "loop"
+    assert "backend" not in QAlign(IdReward()).hyperparameters()
+
+
+def test_transfer_q_rollouts_through_a_backend_are_the_same_rollouts(exact_model):
+    def run(backend):
+        strategy = TransferQ(exact_model, IdReward(), k=3, rollout_len=3, num_rollouts=2, rollout_sampling="sample",
+                             rollout_temperature=0.8, alpha=2.0, trace_rollouts=True, backend=backend)
+        return generate(exact_model, strategy, PROMPTS, max_new_tokens=5, do_sample=True, seed=[1, 2, 3])
+
+    backend = LoopBackend(exact_model)
+    ours, theirs = run(None), run(backend)
+    assert backend.calls == 5  # one call per decoding step, every row and candidate together
+    assert ours.alignment["trace"] == theirs.alignment["trace"]
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert ours.alignment["rollouts"] == theirs.alignment["rollouts"] > 0
+
+
+def test_strategies_check_their_backend(exact_model):
+    tok = tiny_tokenizer()
+    for build in (lambda b: BestOfN(IdReward(), backend=b), lambda b: QAlign(IdReward(), backend=b),
+                  lambda b: TransferQ(exact_model, IdReward(), backend=b)):
+        with pytest.raises(TypeError, match="SamplingBackend"):
+            build("vllm")
+    proposal = GenARM(PromptedARM(exact_model, tok, "Be kind."), beta=1.0)
+    with pytest.raises(ValueError, match="proposal='genarm' runs in process only"):
+        BestOfN(IdReward(), proposal=proposal, backend=LoopBackend(exact_model))
+
+
+def test_engine_generate_needs_only_the_backend(exact_model):
+    backend = LoopBackend(exact_model)
+    strategy = BestOfN(IdReward(), n=3, backend=backend)
+    common = dict(max_new_tokens=6, do_sample=True, seed=[7, 8, 9])
+    out = engine_generate(strategy, backend, PROMPTS, eos_token_id=EOS, pad_token_id=PAD, top_k=0, **common)
+    # The same as through AlignedModel with a loaded model: the policy's weights were never needed.
+    loaded = generate(exact_model, strategy, PROMPTS, **common).alignment
+    assert out.extras["candidates"] == loaded["candidates"] and out.extras["seeds"] == loaded["seeds"]
+    for b, cands in enumerate(out.extras["candidates"]):
+        assert out.extras["chosen"][b] == [first_best(out.extras["rewards"][b])]
+        assert out.tokens[b, : out.lengths[b]].tolist() == cands[out.extras["chosen"][b][0]]
+    with pytest.raises(ValueError, match="must be built with backend"):
+        engine_generate(BestOfN(IdReward(), n=3), backend, PROMPTS, max_new_tokens=6)
+    with pytest.raises(RuntimeError, match="weights live in an engine"):
+        EnginePolicy(tiny_tokenizer()).start(PromptBatch(*left_pad(PROMPTS, PAD)))
+
+
+def test_importing_align_decode_and_its_backends_does_not_import_vllm():
+    # In a fresh interpreter: other tests in this process may have imported vLLM themselves.
+    code = ("import sys, align_decode, align_decode.cli, align_decode.runner, align_decode.decoding.backends; "
+            "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    prompts = write_jsonl(root / "prompts.jsonl", [{"id": "a", "prompt": "w1 w2 w3"}, {"id": "b", "prompt": "w4 w5"}])
+    return SimpleNamespace(root=root, policy=save_model(root / "policy", seed=0), prompts=prompts)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--method", "genarm", "--backend", "vllm"],
+     ["--backend vllm does not apply to method 'genarm'", "best_of_n, qalign, transfer_q"]),
+    (["--method", "sample", "--backend", "vllm"], ["does not apply to method 'sample'"]),
+    (["--method", "best_of_n", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "needs --backend vllm"]),
+    (["--method", "qalign", "--backend", "vllm", "--gpu-memory-utilization", "1.5"],
+     ["--gpu-memory-utilization must be in (0, 1]"]),
+    (["--method", "qalign", "--backend", "vllm", "--max-model-len", "0"], ["--max-model-len must be >= 1"]),
+    (["--method", "qalign", "--enforce-eager"], ["--enforce-eager", "needs --backend vllm"]),
+])
+def test_the_command_refuses_what_the_backend_cannot_do_in_one_line(cli_files, args, fragments):
+    result = invoke("run", "--model", cli_files.policy, "--prompts", cli_files.prompts,
+                    "--out", cli_files.root / "refused.jsonl", "--reward", "length:target=2", *args)
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_backend_vllm_without_vllm_says_how_to_install_it(cli_files):
+    result = invoke("run", "--model", cli_files.policy, "--prompts", cli_files.prompts,
+                    "--out", cli_files.root / "none.jsonl", "--method", "best_of_n", "--backend", "vllm")
+    assert_one_line_error(result, "--backend vllm needs vLLM", "pip install")
+
+
+# ---------------------------------------------------------------------------------- real vLLM (CPU)
+@pytest.fixture(scope="module")
+def vllm_env():
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: seconds to start, not ~30
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def engine(vllm_env, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from align_decode.decoding.backends import VLLMBackend
+    from vllm_support import load, save_models
+
+    path = save_models(tmp_path_factory.mktemp("vllm-backend"))["policy"]
+    # block_size 32 (the CPU minimum) so that LONG's prefix fills a cacheable block.
+    backend = VLLMBackend(path, dtype="float32", max_model_len=128, max_num_seqs=64, enforce_eager=True, block_size=32)
+    yield SimpleNamespace(backend=backend, model=load(path), tokenizer=AutoTokenizer.from_pretrained(path), path=path)
+    backend.close()
+
+
+@pytest.mark.vllm
+def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
+    from align_decode.decoding import GenerationSettings
+
+    out = generate(engine.model, BestOfN(IdReward(), n=6, backend=engine.backend), PROMPTS, do_sample=True,
+                   seed=[11, 12, 13])
+    al = out.alignment
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, stop_ids=(EOS,), pad_id=PAD)
+    tied = False
+    for b, prompt in enumerate(PROMPTS):
+        cands, seeds, rewards = al["candidates"][b], al["seeds"][b], al["rewards"][b]
+        assert len(cands) == 6 and seeds == [seeds[0] + j for j in range(6)]
+        assert len({tuple(c) for c in cands}) > 1  # distinct draws
+        # Each candidate is exactly what its seed draws for the prompt alone.
+        alone = engine.backend.generate([prompt] * 6, 8, settings, seeds).rows()
+        assert [c.tokens for c in alone] == cands
+        assert rewards.tolist() == IdReward().score_ids(None, cands).tolist()
+        chosen = first_best(rewards)
+        tied |= rewards.tolist().count(max(rewards.tolist())) > 1
+        assert al["chosen"][b] == [chosen]
+        row = out.sequences[b, out.sequences.shape[1] - al["lengths"][b].item():]
+        assert al["lengths"][b] == len(cands[chosen]) and row.tolist() == cands[chosen]
+    assert tied  # the first-index rule was exercised
+
+
+@pytest.mark.vllm
+def test_greedy_best_of_n_and_rollouts_equal_the_in_process_backend(engine):
+    def bon(backend):
+        return generate(engine.model, BestOfN(IdReward(), n=3, backend=backend), PROMPTS + [LONG], do_sample=False,
+                        max_new_tokens=12)
+
+    ours, theirs = bon(None), bon(engine.backend)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert ours.alignment["candidates"] == theirs.alignment["candidates"]
+
+    def tq(backend):
+        strategy = TransferQ(engine.model, IdReward(), baseline_tokenizer=engine.tokenizer, k=4, rollout_len=5,
+                             alpha=3.0, trace_rollouts=True, backend=backend)
+        return generate(engine.model, strategy, PROMPTS, do_sample=False, max_new_tokens=6)
+
+    ours, theirs = tq(None), tq(engine.backend)
+    assert ours.alignment["trace"] == theirs.alignment["trace"]  # every rollout, reward and Q
+    assert torch.equal(ours.sequences, theirs.sequences)
+    # Q moved the choice away from the prior's greedy path somewhere: the rollouts mattered.
+    plain = generate(engine.model, None, PROMPTS, do_sample=False, max_new_tokens=6)
+    assert not torch.equal(plain.sequences, theirs.sequences)
+
+
+@pytest.mark.vllm
+def test_a_prompt_gets_the_same_result_in_a_batch_as_alone(engine):
+    prompts, seeds = PROMPTS + [LONG], [21, 22, 23, 24]
+    for strategy in (BestOfN(IdReward(), n=4, backend=engine.backend),
+                     QAlign(IdReward(), beta=0.5, steps=3, chains=2, backend=engine.backend)):
+        m = 2 if isinstance(strategy, QAlign) else 1
+        together = generate(engine.model, strategy, prompts, do_sample=True, seed=seeds, num_return_sequences=m)
+        for b, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            alone = generate(engine.model, strategy, [prompt], do_sample=True, seed=[seed], num_return_sequences=m)
+            got, want = together.alignment, alone.alignment
+            if isinstance(strategy, QAlign):
+                assert [s[2 * b:2 * b + 2] for s in got["trace"]["states"]] == want["trace"]["states"]
+            else:
+                assert got["candidates"][b] == want["candidates"][0] and got["seeds"][b] == want["seeds"][0]
+
+
+@pytest.mark.vllm
+def test_qalign_chain_bookkeeping_and_prefix_caching(engine):
+    steps, chains, cap = 6, 3, 8
+    out = generate(engine.model, QAlign(IdReward(), beta=0.5, steps=steps, chains=chains, backend=engine.backend),
+                   [LONG], do_sample=True, seed=[3], max_new_tokens=cap, num_return_sequences=chains)
+    tr = out.alignment["trace"]
+    assert bool(tr["accepted"][0].all()) and 0 < float(tr["accepted"][1:].float().mean()) < 1
+    for k in range(1, steps + 1):
+        for c in range(chains):
+            prop, prev, now = tr["proposals"][k - 1][c], tr["states"][k - 1][c], tr["states"][k][c]
+            assert now == (prop if tr["accepted"][k, c] else prev)
+            cut = int(tr["indices"][k - 1][c])
+            assert prop[:cut] == prev[:cut] and cut < len(prop) <= cap and 0 <= cut < len(prev)
+            assert prop[-1] == EOS or len(prop) == cap  # a proposal ends at a stop or at the cap
+            assert float(tr["rewards"][k, c]) == float(IdReward().score_ids(None, [now])[0])
+    # Every step resubmits the 41-token prompt plus the kept prefix: its first block comes from the cache.
+    assert tr["cached_tokens"] >= steps * chains * 32
+    for c in range(chains):
+        n = int(out.alignment["lengths"][c])
+        assert out.sequences[c, len(LONG):len(LONG) + n].tolist() == tr["states"][-1][c]
+
+
+VOCAB, CAP, PROMPT = 4, 3, [3, 2]
+
+
+@pytest.mark.vllm
+def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
+    """On an enumerable model (vocab 4, responses of at most 3 tokens), state 0 follows p and the long-run
+    state frequencies follow p * exp(r / beta): vLLM's sampler has our law even where its draws differ."""
+    from align_decode.decoding.backends import VLLMBackend
+
+    policy = tiny_llama(VOCAB, seed=51, init=0.1)
+    policy.save_pretrained(tmp_path / "v4")
+    law = response_law(policy, PROMPT, CAP, EOS)
+    states = sorted(law)
+    g = torch.Generator().manual_seed(5)
+    table = {y: float(v) for y, v in zip(states, torch.randn(len(states), generator=g))}
+    weights = torch.tensor([law[y] * math.exp(table[y]) for y in states], dtype=torch.float64)  # beta = 1
+    target = dict(zip(states, (weights / weights.sum()).tolist()))
+    assert 0.5 * sum(abs(law[y] - target[y]) for y in states) > 0.3  # the target is far from p
+
+    backend = VLLMBackend(tmp_path / "v4", dtype="float32", max_model_len=16, max_num_seqs=256, enforce_eager=True,
+                          skip_tokenizer_init=True)
+    try:
+        chains, steps, burn_in = 500, 30, 10
+        strategy = QAlign(TableReward(table), beta=1.0, steps=steps, chains=chains, backend=backend)
+        out = engine_generate(strategy, backend, [PROMPT], max_new_tokens=CAP, do_sample=True, top_k=0,
+                              eos_token_id=EOS, pad_token_id=PAD, seed=11, num_return_sequences=chains)
+    finally:
+        backend.close()
+    trace = out.extras["trace"]
+    first = collections.Counter(tuple(y) for y in trace["states"][0])
+    assert chi_square_p(first, law, chains) > 1e-3
+    visits = collections.Counter(tuple(y) for s in trace["states"][burn_in:] for y in s)
+    total = sum(visits.values())
+    tv = 0.5 * sum(abs(visits.get(y, 0) / total - target[y]) for y in states)
+    assert tv < 0.06, tv
+
+
+@pytest.mark.vllm
+def test_the_command_runs_best_of_n_qalign_and_transfer_q_on_vllm(engine, cli_files, tmp_path):
+    common = ["--reward", "length:target=3", "--max-model-len", "64", "--enforce-eager"]
+    bon = run_ok(str(engine.path), cli_files.prompts, tmp_path / "bon.jsonl", "--method", "best_of_n", "--n", "4",
+                 "--backend", "vllm", *common)
+    for line in bon:
+        assert line["hyperparameters"]["backend"] == "vllm" and len(line["candidates"]) == 4
+        rewards = [c["rewards"]["length:target=3"] for c in line["candidates"]]
+        assert line["chosen"] == first_best(rewards) and line["rewards"]["length:target=3"] == max(rewards)
+    # Greedy decoding agrees across backends, for best-of-N and for Transfer Q*'s rollouts.
+    for method in (["best_of_n", "--n", "2"], ["transfer_q", "--candidate-tokens", "3", "--rollout-len", "3"]):
+        greedy = {}
+        for backend in ("hf", "vllm"):
+            eager = ["--enforce-eager"] if backend == "vllm" else []
+            lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method[0]}-{backend}.jsonl", "--method",
+                           *method, "--temperature", "0", "--backend", backend, "--reward", "length:target=3", *eager)
+            greedy[backend] = [(line["completion"], line["hyperparameters"].get("backend")) for line in lines]
+        assert [(c, "vllm") for c, _ in greedy["hf"]] == greedy["vllm"]
+    qalign = run_ok(str(engine.path), cli_files.prompts, tmp_path / "qalign.jsonl", "--method", "qalign", "--steps",
+                    "3", "--n", "2", "--backend", "vllm", *common)
+    for line in qalign:
+        assert line["hyperparameters"]["backend"] == "vllm" and len(line["candidates"]) == 2
+        assert len(line["extras"]["acceptance_rate"]) == 2
