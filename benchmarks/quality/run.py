@@ -1,0 +1,144 @@
+"""The quality benchmark: every method against plain sampling on two tasks, with guides trained here.
+
+    python -m benchmarks.quality.run --full     # the numbers and plots in benchmarks/quality/
+    python -m benchmarks.quality.run --smoke    # the same pipeline, reduced (CI; under 10 minutes)
+
+Steps: train an ARM (LoRA on SmolLM2, GenARM loss) and a CD-FUDGE value model per task on the train
+prompts; run plain sampling, best-of-N, QAlign, GenARM (trained ARM, untrained ARM, prompted ARM),
+tokenwise CD, ARGS and Transfer Q* on held-out prompts; measure reward, win rate, KL, diversity,
+perplexity and compute; sweep two ARMs' weights; write results.json, PNG plots and a markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.split("\n")[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", dest="scale", action="store_const", const="full", help="the full run (default)")
+    size.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help="the reduced run (CI)")
+    size.add_argument("--scale", dest="scale", choices=("full", "smoke", "test"))
+    p.add_argument("--out", type=Path, help="results folder [default: benchmarks/quality/results/full for --full, "
+                   "else a folder beside the trained guides]")
+    p.add_argument("--work", type=Path, help="trained guides go here [default: the align-decode cache]")
+    p.add_argument("--report", type=Path, help="markdown report [default: <out>/RESULTS_quality.md; with --full also "
+                   "benchmarks/quality/RESULTS_quality.md]")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads [default: 1: on a shared 2-core machine a second thread mostly waits]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-guides", action="store_true", help="use the guides a previous run left in --work")
+    p.add_argument("--redraw", action="store_true", help="only redraw the plots and rewrite the report from "
+                   "<out>/results.json")
+    p.set_defaults(scale="full")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    from align_decode.decoding import Policy
+    from align_decode.models import cache_dir, load_model
+
+    from .scales import SCALES
+    from .tasks import TASKS
+
+    scale = SCALES[args.scale]
+    work = args.work or cache_dir().parent / "quality-benchmark" / scale.name
+    # Only the full run's figures and numbers belong in the repository; smaller runs write beside their guides.
+    out = args.out or (HERE / "results" / "full" if scale.name == "full" else work / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.redraw:
+        saved = json.loads((out / "results.json").read_text())
+        print(f"rewrote {_publish(saved['run'], saved['rows'], out, args.report)} and its plots", file=sys.stderr)
+        return 0
+    started = time.perf_counter()
+
+    def note(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per saved or loaded guide would bury the log
+    model, tok = load_model()
+    policy = Policy(model, tok)
+    note(f"scale {scale.name}; policy {model.config._name_or_path}; {args.threads} thread(s)")
+
+    from .guides import TrainedGuides, train_guides
+
+    guides, timings = {}, {}
+    for task in TASKS.values():
+        tick = time.perf_counter()
+        folders = (work / f"{task.name}_arm", work / f"{task.name}_value")
+        if args.reuse_guides and all((f / "config.json").is_file() for f in folders):
+            report = json.loads((work / f"{task.name}_guides.json").read_text())
+            guides[task.name] = TrainedGuides(*folders, report)
+            note(f"{task.name}: reusing the guides in {work}")
+        else:
+            for f in folders:
+                shutil.rmtree(f, ignore_errors=True)
+            guides[task.name] = train_guides(task, scale, policy, work, args.seed, note)
+            (work / f"{task.name}_guides.json").write_text(json.dumps(guides[task.name].report, indent=2))
+        timings[f"train {task.name}"] = time.perf_counter() - tick
+
+    from .suite import evaluate_task, multi_objective
+
+    rows, contexts = {}, {}
+    for task in TASKS.values():
+        tick = time.perf_counter()
+        rows[task.name], contexts[task.name] = evaluate_task(task, scale, policy, guides[task.name], args.seed, note)
+        timings[f"evaluate {task.name}"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    multi = multi_objective(scale, contexts["non_toxicity"], guides, TASKS, rows["non_toxicity"], note)
+    rows["non_toxicity"] += multi
+    timings["multi-objective"] = time.perf_counter() - tick
+    total = time.perf_counter() - started
+
+    command = "python -m benchmarks.quality.run " + ("--full" if scale.name == "full" else f"--scale {scale.name}")
+    run_info = {
+        "scale": scale.__dict__, "command": command, "seconds": round(total, 1),
+        "timings": {k: round(v, 1) for k, v in timings.items()}, "threads": args.threads, "seed": args.seed,
+        "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), no GPU used",
+        "guides": {name: g.report for name, g in guides.items()},
+    }
+    (out / "results.json").write_text(json.dumps({"run": run_info, "rows": rows}, indent=1))
+    report = _publish(run_info, rows, out, args.report)
+    note(f"done in {total:.0f} s; results in {out}, report {report}")
+    return 0
+
+
+def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path:
+    """Plots and the markdown report from the metric rows; the full run's report also goes beside this file."""
+    from . import plots
+    from .report import write_report
+
+    figures = {}
+    for name, task_rows in rows.items():
+        figures[f"reward_vs_kl_{name}"] = plots.reward_vs_kl(task_rows, name, out / f"reward_vs_kl_{name}.png")
+        figures[f"reward_vs_compute_{name}"] = plots.reward_vs_compute(task_rows, name,
+                                                                       out / f"reward_vs_compute_{name}.png")
+    figures["over_optimisation"] = plots.over_optimisation(rows["sentiment"], "sentiment", "afinn",
+                                                           out / "over_optimisation.png")
+    figures["multi_objective"] = plots.multi_objective(rows["non_toxicity"], "sentiment", "non_toxicity",
+                                                       out / "multi_objective.png")
+    names = {k: v.name for k, v in figures.items()}
+    path = write_report(report or out / "RESULTS_quality.md", run_info, rows, names, figure_dir=out)
+    if run_info["scale"]["name"] == "full" and report is None:
+        write_report(HERE / "RESULTS_quality.md", run_info, rows, names, figure_dir=out)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
