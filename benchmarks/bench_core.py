@@ -1,8 +1,10 @@
 """Core engine speed: plain model.generate() against this loop (weight 0), GenARM, and a naive GenARM.
 
-SmolLM2-135M-Instruct is the policy and a prompted SmolLM2 the ARM. Every variant samples the same
-number of new tokens (EOS is set to a token the model never emits here), variants are interleaved within
-each repeat so machine noise hits them alike, and the median is reported.
+SmolLM2-135M-Instruct is the policy. The ARM is a prompted SmolLM2, either the policy object itself
+(its rows then share the policy's batched forward) or a separate copy of the model (as a trained
+SmolLM2-sized ARM would be: two forwards per token). Every variant samples the same number of new tokens
+(EOS is set to a token the model never emits here), variants are interleaved within each repeat so
+machine noise hits them alike, and the median is reported.
 
     python benchmarks/bench_core.py --threads 1 --tokens 64 --batches 1 8 --naive-tokens 128
 """
@@ -10,6 +12,7 @@ each repeat so machine noise hits them alike, and the median is reported.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -68,6 +71,7 @@ def run(args):
     model, tok = load_model()
     arm = PromptedARM(model, tok, INSTRUCTION)
     genarm = GenARM(arm, beta=1.0)
+    separate = GenARM(PromptedARM(copy.deepcopy(model), tok, INSTRUCTION), beta=1.0)
     aligned = AlignedModel(model, tokenizer=tok, strategy=genarm)
     rows = []
     for batch_size in args.batches:
@@ -79,14 +83,18 @@ def run(args):
             "model.generate()": lambda n: model.generate(**enc, max_new_tokens=n, **common),
             "loop, weight 0": lambda n: aligned.generate(**enc, max_new_tokens=n, seed=0,
                                                          strategy=genarm.with_weights([0.0]), **common),
-            "GenARM": lambda n: aligned.generate(**enc, max_new_tokens=n, seed=0, **common),
+            "GenARM, prompted policy (shared forward)": lambda n: aligned.generate(**enc, max_new_tokens=n, seed=0,
+                                                                                  **common),
+            "GenARM, separate ARM model": lambda n: aligned.generate(**enc, max_new_tokens=n, seed=0,
+                                                                     strategy=separate, **common),
             "naive GenARM processor": lambda n: model.generate(
                 **enc, max_new_tokens=n,
                 logits_processor=LogitsProcessorList(
                     [NaiveGenARM(model, arm, PromptBatch(enc["input_ids"], enc["attention_mask"]), 1.0)]),
                 **common),
         }
-        for tokens, names in ((args.tokens, list(variants)[:3]), (args.naive_tokens, ["GenARM", "naive GenARM processor"])):
+        naive_pair = ["GenARM, separate ARM model", "naive GenARM processor"]
+        for tokens, names in ((args.tokens, list(variants)[:4]), (args.naive_tokens, naive_pair)):
             for name in names:  # warm-up
                 variants[name](4)
             times = {name: [] for name in names}
