@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from align_decode.cli import cli
 from align_decode.preferences import PreferenceSettings, pick_pair
 from align_decode.rewards.registry import build_reward
 from align_decode.rewards.value_training import load_value_model
-from tiny import tiny_llama, tiny_tokenizer
+from cli_support import assert_one_line_error as one_line_error
+from cli_support import invoke, read_lines, save_model, write_jsonl
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"w{i} w{i + 1} w{i + 2}"} for i in range(6)]
 PROMPTS.append({"id": "chat", "messages": [{"role": "user", "content": "w30 w31"}]})
 REWARD = "length:target=3"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def ok(result):
@@ -31,30 +25,9 @@ def ok(result):
     return result
 
 
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("align-decode: error: ")]
-    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
-
-
-def read_lines(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory):
-    path = tmp_path_factory.mktemp("policy") / "policy"
-    tiny_llama(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_model(tmp_path_factory.mktemp("policy") / "policy", seed=0)
 
 
 @pytest.fixture
