@@ -137,3 +137,22 @@ def test_parked_rows_come_back_in_order_ready_to_continue():
         seq = p + out.tokens[row, : int(out.lengths[row]) - 1].tolist()
         assert s.sequences()[row].tolist() == seq + [3]
         torch.testing.assert_close(nxt[row], scratch(model, seq + [3]), atol=ATOL, rtol=0)
+
+
+def test_sliding_window_models_fork_and_cut_like_recomputation():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, sliding_window=4, initializer_range=0.3)
+    model = MistralForCausalLM(cfg).to(torch.float64).eval()
+    s = ModelSession(model)
+    s.prefill(*left_pad([[5, 6, 7], [8]], PAD))
+    for t in range(7):  # well past the window
+        s.step(torch.tensor([10 + t, 20 + t]))
+    fork = s.fork(torch.tensor([0, 1, 0]))
+    logits = fork.resume_at(torch.tensor([6, 3, 9]))
+    for b, seq in enumerate([[5, 6, 7, 10, 11, 12], [8, 20, 21], [5, 6, 7, 10, 11, 12, 13, 14, 15]]):
+        torch.testing.assert_close(logits[b], scratch(model, seq), atol=ATOL, rtol=0)
+    logits = fork.step(torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(logits[2], scratch(model, [5, 6, 7, 10, 11, 12, 13, 14, 15, 3]), atol=ATOL, rtol=0)

@@ -73,7 +73,11 @@ def fuse_same_model(session: ModelSession, states: list) -> tuple[object, list]:
                and s.session.model is session.model and s.session.vocab_size == session.vocab_size]
     if not fusable:
         return session, states
-    joint = ModelSession.concat([session] + [states[i].session for i in fusable])
+    try:
+        joint = ModelSession.concat([session] + [states[i].session for i in fusable])
+    except TypeError:
+        # Caches that cannot be merged row-wise (sliding-window layers): keep separate forwards.
+        return session, states
     view = _JointPolicy(joint, 1 + len(fusable))
     out = list(states)
     for group, i in enumerate(fusable, 1):

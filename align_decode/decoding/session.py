@@ -31,9 +31,18 @@ def _accepts_logits_to_keep(model) -> bool:
     return _MODELS_WITH_LOGITS_TO_KEEP[cls]
 
 
+def _has_sliding_window(model) -> bool:
+    cfg = model.config
+    return bool(getattr(cfg, "sliding_window", None)) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+
+
 def _new_cache(model):
     from transformers.cache_utils import DynamicCache
 
+    if _has_sliding_window(model):
+        # Full-length layers: rows can then be forked, cut and merged like any other; the model's
+        # sliding-window mask still limits what each token attends to.
+        return DynamicCache()
     return DynamicCache(config=model.config)
 
 
@@ -49,6 +58,7 @@ class ModelSession:
     def __init__(self, model, vocab_size: int | None = None):
         self.model = model
         self.vocab_size = vocab_size
+        self.sliding = _has_sliding_window(model)
         self.cache = None
         self.ids: torch.Tensor | None = None  # [B, L] token id in each physical column
         self.mask: torch.Tensor | None = None  # [B, L] bool: column belongs to the row's sequence
@@ -186,7 +196,10 @@ class ModelSession:
             raise ValueError("keep_prefix lengths must be between 0 and each row's current length")
         self.mask = self.mask & (self.logical_positions() < lengths.unsqueeze(-1))
         self.next_pos = lengths.clone()
-        if compact:
+        if self.sliding:
+            # A sliding window is measured in cache columns: close the gaps so columns and positions agree.
+            self.compact()
+        elif compact:
             self.maybe_compact()
 
     def absorb(self, other: "ModelSession") -> None:
