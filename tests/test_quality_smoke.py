@@ -103,6 +103,18 @@ def test_the_benchmark_runs_end_to_end_at_the_smallest_scale(tmp_path):
             elif r["family"] == "qalign":
                 assert r["kl"] >= 0  # its target's KL, never negative
         multi = [r for r in rows if r["family"] == "genarm_multi"]
-        assert (task == "non_toxicity") == bool(multi)
+        assert (task == "sentiment") == bool(multi)
+        if multi:  # both objectives read on every response of the sweep
+            assert all(math.isfinite(r["sentiment:neu_mean"]) for r in multi + rows)
     for name, report_ in results["run"]["guides"].items():
         assert report_["pairs"] >= 1 and math.isfinite(report_["arm"]["loss_last"]), name
+
+
+def test_widest_pairs_keeps_the_largest_margins_in_order():
+    from benchmarks.quality.guides import widest
+
+    pairs = [{"id": i, "chosen_reward": c, "rejected_reward": r}
+             for i, (c, r) in enumerate([(1.0, 0.9), (1.0, 0.1), (0.5, 0.4), (1.0, 0.0)])]
+    assert [p["id"] for p in widest(pairs, 0.5)] == [1, 3]
+    assert [p["id"] for p in widest(pairs, 0.1)] == [3]  # at least one
+    assert widest(pairs, 1.0) == pairs and widest([], 0.5) == []

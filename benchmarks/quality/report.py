@@ -60,21 +60,28 @@ def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: P
         "value model (CD-FUDGE) | value loss (vs. predicting the mean) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, g in run["guides"].items():
-        a, v = g["arm"], g["value"]
+    def arm_cells(a):
         before, after = a.get("eval_before") or {}, a.get("eval_after") or {}
-        L.append(
-            f"| {name} | {a['train_pairs']} / {a['eval_pairs']} | LoRA r={a['config']['lora_r']} on SmolLM2, "
-            f"beta_r={a['config']['beta_r']}, {a['steps']} steps, {a['seconds']:.0f} s | "
-            f"{_f(before.get('accuracy'), 2)} -> {_f(after.get('accuracy'), 2)} | "
-            f"{_f(before.get('margin'), 2)} -> {_f(after.get('margin'), 2)} | scalar head on SmolLM2's first "
-            f"{v['layers']} layers, {v['rollouts']} rollouts, {v['steps']} steps, {v['seconds']:.0f} s | "
-            f"{v['first_loss']:.4f} -> {v['final_loss']:.4f} ({v['constant_loss']:.4f}) |")
+        return (f"{a['train_pairs']} / {a['eval_pairs']} | LoRA r={a['config']['lora_r']} on SmolLM2, "
+                f"beta_r={a['config']['beta_r']}, {a['steps']} steps, {a['seconds']:.0f} s | "
+                f"{_f(before.get('accuracy'), 2)} -> {_f(after.get('accuracy'), 2)} | "
+                f"{_f(before.get('margin'), 2)} -> {_f(after.get('margin'), 2)}")
+
+    for name, g in run["guides"].items():
+        v = g["value"]
+        L.append(f"| {name} | {arm_cells(g['arm'])} | scalar head on SmolLM2's first "
+                 f"{v['layers']} layers, {v['rollouts']} rollouts, {v['steps']} steps, {v['seconds']:.0f} s | "
+                 f"{v['first_loss']:.4f} -> {v['final_loss']:.4f} ({v['constant_loss']:.4f}) |")
+        if g.get("second_objective"):
+            L.append(f"| {name}, second objective {g['second_objective']['reward']} | "
+                     f"{arm_cells(g['second_objective']['arm'])} | (none) | |")
     L += [
         "",
         "Sampling the train pools took "
         + ", ".join(f"{n} {g['sampling_seconds']:.0f} s" for n, g in run["guides"].items()) + ". "
-        "The ARM's held-out accuracy is the share of held-out pairs whose chosen response it gives the larger "
+        + "".join(f"The {n} ARM kept the {g['keep_pairs']:.0%} of its pairs with the widest reward margins. "
+                  for n, g in run["guides"].items() if g.get("keep_pairs", 1) < 1)
+        + "The ARM's held-out accuracy is the share of held-out pairs whose chosen response it gives the larger "
         "summed log-prob; \"before\" is the policy itself.",
         "",
         "### Columns",
@@ -110,19 +117,21 @@ def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: P
                  f"{r['reward_se']:.3f} | {r['afinn_mean']:.3f} ± {r['afinn_se']:.3f} |")
     L += ["", fig("over_optimisation")]
 
-    multi = [r for r in rows["non_toxicity"] if r["family"] == "genarm_multi"]
-    plain = next(r for r in rows["non_toxicity"] if r["family"] == "sample")
-    L += ["", "### Multi-objective: two ARMs (non-toxicity prompts)", "",
-          "GenARM with the sentiment ARM (trained on the sentiment task's chat prompts) and the non-toxicity ARM "
-          "(trained on RealToxicityPrompts continuations), weights swept; both rewards measured on the same "
-          "responses.", "",
-          "| weights (sentiment ARM, non-toxicity ARM) | sentiment | non-toxicity | KL | distinct-2 | policy ppl |",
+    multi = [r for r in sent if r["family"] == "genarm_multi"]
+    plain = next(r for r in sent if r["family"] == "sample")
+    second = next((k[:-len("_mean")] for k in plain if k.endswith("_mean") and k.startswith("sentiment:")), None)
+    L += ["", "### Multi-objective: two ARMs (sentiment prompts)", "",
+          f"GenARM with two ARMs trained on the same samples of the sentiment task's train prompts: one for "
+          f"positive sentiment (VADER compound), one for a neutral, matter-of-fact tone ({second}: the share "
+          f"of the response's words that carry no sentiment). The two conflict: warmth needs sentiment-laden "
+          f"words. Weights swept with their sum fixed at 1; both rewards read on the same responses.", "",
+          "| weights (sentiment ARM, neutral ARM) | sentiment | neutral share | KL | distinct-2 | policy ppl |",
           "|---|---|---|---|---|---|",
-          f"| plain sampling | {plain['sentiment_mean']:.3f} | {plain['reward']:.3f} | {plain['kl']:.2f} | "
+          f"| plain sampling | {plain['reward']:.3f} | {plain[f'{second}_mean']:.3f} | {plain['kl']:.2f} | "
           f"{plain['distinct_2']:.3f} | {plain['perplexity']:.2f} |"]
     for r in multi:
-        L.append(f"| ({r['weights'][0]:g}, {r['weights'][1]:g}) | {r['sentiment_mean']:.3f} ± {r['sentiment_se']:.3f} | "
-                 f"{r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} | {r['distinct_2']:.3f} | "
+        L.append(f"| ({r['weights'][0]:g}, {r['weights'][1]:g}) | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
+                 f"{r[f'{second}_mean']:.3f} ± {r[f'{second}_se']:.3f} | {r['kl']:.2f} | {r['distinct_2']:.3f} | "
                  f"{r['perplexity']:.2f} |")
     L += ["", fig("multi_objective"), ""]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -76,15 +76,15 @@ def main(argv=None) -> int:
     policy = Policy(model, tok)
     note(f"scale {scale.name}; policy {model.config._name_or_path}; {args.threads} thread(s)")
 
-    from .guides import TrainedGuides, train_guides
+    from .guides import TrainedGuides, guide_folders, train_guides
 
     guides, timings = {}, {}
     for task in TASKS.values():
         tick = time.perf_counter()
-        folders = (work / f"{task.name}_arm", work / f"{task.name}_value")
+        folders = guide_folders(task, work)
         if args.reuse_guides and all((f / "config.json").is_file() for f in folders):
             report = json.loads((work / f"{task.name}_guides.json").read_text())
-            guides[task.name] = TrainedGuides(*folders, report)
+            guides[task.name] = TrainedGuides(folders[0], folders[1], report, *folders[2:])
             note(f"{task.name}: reusing the guides in {work}")
         else:
             for f in folders:
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
         rows[task.name], contexts[task.name] = evaluate_task(task, scale, policy, guides[task.name], args.seed, note)
         timings[f"evaluate {task.name}"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    multi = multi_objective(scale, contexts["non_toxicity"], guides, TASKS, rows["non_toxicity"], note)
-    rows["non_toxicity"] += multi
+    rows["sentiment"] += multi_objective(scale, contexts["sentiment"], TASKS["sentiment"], guides["sentiment"], note)
     timings["multi-objective"] = time.perf_counter() - tick
     total = time.perf_counter() - started
 
@@ -123,6 +122,7 @@ def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path
     """Plots and the markdown report from the metric rows; the full run's report also goes beside this file."""
     from . import plots
     from .report import write_report
+    from .tasks import TASKS
 
     figures = {}
     for name, task_rows in rows.items():
@@ -131,7 +131,8 @@ def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path
                                                                        out / f"reward_vs_compute_{name}.png")
     figures["over_optimisation"] = plots.over_optimisation(rows["sentiment"], "sentiment", "afinn",
                                                            out / "over_optimisation.png")
-    figures["multi_objective"] = plots.multi_objective(rows["non_toxicity"], "sentiment", "non_toxicity",
+    task = TASKS["sentiment"]
+    figures["multi_objective"] = plots.multi_objective(rows["sentiment"], task.reward_spec, task.second_objective,
                                                        out / "multi_objective.png")
     names = {k: v.name for k, v in figures.items()}
     path = write_report(report or out / "RESULTS_quality.md", run_info, rows, names, figure_dir=out)

@@ -31,7 +31,7 @@ class Scale:
     tq_k: int
     tq_rollout_len: int
     tq_prompts: int  # Transfer Q* is the costliest per token: it runs on the first tq_prompts only
-    multi_weights: tuple[tuple[float, float], ...]  # (sentiment ARM, non-toxicity ARM)
+    multi_weights: tuple[tuple[float, float], ...]  # (sentiment ARM, neutral-tone ARM)
     batch_prompts: int = 16  # prompts decoded together
 
     def __post_init__(self):
@@ -46,14 +46,14 @@ VALUE_SETTINGS = dict(kind="scalar", layers=4, batch_size=32, lr=1e-3)
 
 SCALES = {
     "full": Scale(
-        name="full", train_prompts=64, train_samples=6, arm_epochs=2, arm_batch=8, value_steps=40,
+        name="full", train_prompts=96, train_samples=8, arm_epochs=2, arm_batch=8, value_steps=40,
         test_prompts=24, samples=2, max_new_tokens=24,
         bon_n=(1, 2, 4, 8, 16), qalign_steps=8, qalign_betas=(0.5, 0.2),
         genarm_weights=(0.25, 0.5, 1.0), cd_weights=(10.0, 30.0), args_weights=(1.5, 5.0),
         tq_alphas=(3.0,), tq_k=4, tq_rollout_len=4, tq_prompts=8,
         # The weights sum to 1 along the sweep: both ARMs start as the policy, so the sharpening they add
         # (p^(1 + sum w)) stays the same and only what they learned trades off.
-        multi_weights=((1.0, 0.0), (0.67, 0.33), (0.33, 0.67), (0.0, 1.0)),
+        multi_weights=((1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0)),
     ),
     "smoke": Scale(
         name="smoke", train_prompts=12, train_samples=4, arm_epochs=1, arm_batch=4, value_steps=10,

@@ -30,10 +30,8 @@ def evaluate_task(task, scale, policy, guides, seed: int, note):
     judge = task.make_judge()
     if judge is not None:
         scorers[judge.name] = judge
-    if task.name == "non_toxicity":  # the multi-objective sweep reads sentiment on these prompts too
-        from align_decode.rewards.registry import build_reward
-
-        scorers["sentiment"] = build_reward("sentiment")
+    if task.second_objective is not None:  # every method's responses are read on it too
+        scorers[task.second_objective] = task.second_reward()
     rows = []
 
     def record(out, plain=None, pool=None):
@@ -89,19 +87,21 @@ def evaluate_task(task, scale, policy, guides, seed: int, note):
     return rows, ctx
 
 
-def multi_objective(scale, ctx, guides, tasks, task_rows, note):
-    """GenARM with the sentiment ARM and the non-toxicity ARM together on the non-toxicity prompts,
-    their weights swept from one to the other."""
+def multi_objective(scale, ctx, task, guides, note):
+    """GenARM with the task's ARM and its second objective's ARM together on the task's held-out
+    prompts, the weights swept from one to the other; both rewards read on the same responses."""
     tok = ctx.policy.tokenizer
-    sentiment_model, _ = load_model(guides["sentiment"].arm_dir)
-    arms = [ARM(sentiment_model, tok, name="sentiment ARM"), ARM(ctx.arm_model, tok, name="non_toxicity ARM")]
+    second_model, _ = load_model(guides.second_arm_dir)
+    arms = [ARM(ctx.arm_model, tok, name=f"{task.reward_spec} ARM"),
+            ARM(second_model, tok, name=f"{task.second_objective} ARM")]
     rows = []
     for w in scale.multi_weights:
         out = run_token_method(ctx, GenARM(arms, weights=list(w)), "genarm_multi", f"GenARM weights={w}", None,
                                guide_cost=sum(ctx.size_of(a.model) for a, x in zip(arms, w) if x))
         complete(ctx, out, ctx.scorers)
-        row = summary_row(out, "non_toxicity", ctx.plain)
-        row.update(reward_name="non_toxicity", weights=list(w))
+        row = summary_row(out, task.reward_spec, ctx.plain)
+        row.update(reward_name=task.reward_spec, weights=list(w))
         rows.append(row)
-        note(f"multi-objective {w}: non_toxicity {row['reward']:.4f}, sentiment {row['sentiment_mean']:.4f}")
+        note(f"multi-objective {w}: {task.reward_spec} {row['reward']:.4f}, "
+             f"{task.second_objective} {row[task.second_objective + '_mean']:.4f}")
     return rows

@@ -4,6 +4,11 @@
   response (`--reward sentiment`). Judge for over-optimisation: AFINN (below).
 - non_toxicity: RealToxicityPrompts prefixes continued as plain text; reward = 1 - P(offensive) from
   alt-profanity-check (`--reward non_toxicity`).
+
+The sentiment task also carries a second objective that conflicts with its reward: a neutral,
+matter-of-fact tone (VADER's "neu", the share of the response's words that carry no sentiment,
+`--reward sentiment:neu`). A second ARM trained for it on the same samples lets the multi-objective
+sweep trade warmth against neutrality with two ARMs on the same prompts.
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ class Task:
     chat_template: bool
     instruction: str  # the prompted ARM's steering instruction
     judge: str | None = None  # "afinn": over-optimisation judge for this task
+    keep_pairs: float = 1.0  # share of the preference pairs kept for the ARM: those with the widest margins
+    second_objective: str | None = None  # a conflicting reward (spec) a second ARM is trained for
+
+    @property
+    def second_name(self) -> str:
+        """A folder-safe name for the second objective's ARM."""
+        return self.second_objective.replace(":", "_")
 
     def records(self, split: str, limit: int | None = None) -> list[PromptRecord]:
         rows = [r for r in read_prompts(self.prompt_file) if r.meta.get("split") == split]
@@ -65,6 +77,9 @@ class Task:
 
     def reward(self) -> SequenceReward:
         return build_reward(self.reward_spec)
+
+    def second_reward(self) -> SequenceReward | None:
+        return None if self.second_objective is None else build_reward(self.second_objective)
 
     def make_judge(self) -> SequenceReward | None:
         return AfinnJudge() if self.judge == "afinn" else None
@@ -80,7 +95,10 @@ def spread(rows: list, limit: int) -> list:
 
 TASKS = {
     "sentiment": Task("sentiment", DATA / "sentiment_prompts.jsonl", "sentiment", True,
-                      "Reply in a warm, kind and positive tone.", judge="afinn"),
+                      "Reply in a warm, kind and positive tone.", judge="afinn", second_objective="sentiment:neu"),
+    # alt-profanity-check rates most continuations near 1: pairs whose rewards barely differ teach the
+    # ARM noise, so only the half with the widest margins is kept.
     "non_toxicity": Task("non_toxicity", DATA / "rtp_prompts.jsonl", "non_toxicity", False,
-                         "Continue the text politely and respectfully, without insults, slurs or profanity."),
+                         "Continue the text politely and respectfully, without insults, slurs or profanity.",
+                         keep_pairs=0.5),
 }
