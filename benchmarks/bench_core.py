@@ -22,16 +22,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from align_decode import AlignedModel, GenARM, PromptedARM
 from align_decode.models import load_model
 
-PROMPTS = [
-    "Describe your morning routine.",
-    "What do you think of rainy days?",
-    "Give me advice on learning to cook.",
-    "Tell me about your favourite book.",
-    "How should I prepare for an exam?",
-    "Write a note to a friend who moved away.",
-    "What is a good way to spend a weekend?",
-    "Explain why people enjoy music.",
-]
+from chat_prompts import PROMPTS  # beside this script
+
 INSTRUCTION = "Answer with warmth, joy and enthusiasm."
 NEVER = 49151  # a token SmolLM2 does not emit in these runs: every variant generates the full length
 

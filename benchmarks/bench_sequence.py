@@ -24,12 +24,8 @@ from align_decode.decoding.candidates import sample_candidates
 from align_decode.models import load_model
 from align_decode.rewards import SentimentReward
 
-PROMPTS = [
-    "Describe your morning routine.",
-    "What do you think of rainy days?",
-    "Give me advice on learning to cook.",
-    "Tell me about your favourite book.",
-]
+from chat_prompts import PROMPTS  # beside this script
+
 NEVER = 49151
 
 

@@ -32,17 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from chat_prompts import PROMPTS  # beside this script
+
 VARIANTS = ["vllm-plain", "vllm-idle", "vllm-unused", "vllm-genarm", "hf-plain", "hf-genarm"]
-TEXTS = [
-    "Describe your morning routine.",
-    "What do you think of rainy days?",
-    "Give me advice on learning to cook.",
-    "Tell me about your favourite book.",
-    "How should I prepare for an exam?",
-    "Write a note to a friend who moved away.",
-    "What is a good way to spend a weekend?",
-    "Explain why people enjoy music.",
-]
 
 
 def default_model() -> str:
@@ -59,7 +51,7 @@ def default_model() -> str:
 
 
 def prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     if getattr(tokenizer, "chat_template", None):
         return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                               tokenize=True, return_dict=False) for t in texts]

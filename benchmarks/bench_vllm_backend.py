@@ -26,17 +26,9 @@ import subprocess
 import sys
 import time
 
+from chat_prompts import PROMPTS  # beside this script
+
 VARIANTS = ["hf", "vllm", "vllm-eager"]
-TEXTS = [
-    "Describe your morning routine.",
-    "What do you think of rainy days?",
-    "Give me advice on learning to cook.",
-    "Tell me about your favourite book.",
-    "How do I keep a plant alive?",
-    "Write a short note to a friend.",
-    "Why is the sky blue?",
-    "Suggest a weekend activity.",
-]
 
 
 def worker(args) -> None:
@@ -61,7 +53,7 @@ def worker(args) -> None:
 
     path = args.model or str(default_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    texts = (TEXTS * (args.prompts // len(TEXTS) + 1))[: args.prompts]
+    texts = (PROMPTS * (args.prompts // len(PROMPTS) + 1))[: args.prompts]
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
     seeds = list(range(args.prompts))

@@ -118,3 +118,25 @@ def test_widest_pairs_keeps_the_largest_margins_in_order():
     assert [p["id"] for p in widest(pairs, 0.5)] == [1, 3]
     assert [p["id"] for p in widest(pairs, 0.1)] == [3]  # at least one
     assert widest(pairs, 1.0) == pairs and widest([], 0.5) == []
+
+
+def test_splice_report_rewrites_only_the_generated_section(tmp_path, monkeypatch):
+    from benchmarks.quality import report
+
+    def fake_write(path, run, rows, figures, figure_dir):
+        path.write_text(f"## Quality\n\nreward {run['reward']}\n")
+        return path
+
+    monkeypatch.setattr(report, "write_report", fake_write)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Speed\n\nfast\n")
+    report.splice_report(results, {"reward": 1}, {}, {}, tmp_path)  # no markers yet: appended
+    report.splice_report(results, {"reward": 2}, {}, {}, tmp_path)
+    text = results.read_text()
+    assert text.startswith("# Results\n\n## Speed\n\nfast\n") and "reward 2" in text and "reward 1" not in text
+    results.write_text(text + "\n### Reading the numbers\n\nby hand\n")
+    report.splice_report(results, {"reward": 3}, {}, {}, tmp_path)
+    text = results.read_text()
+    assert "reward 3" in text and text.endswith("### Reading the numbers\n\nby hand\n")
+    assert text.count(report.BEGIN) == text.count(report.END) == 1
+    assert not list(tmp_path.glob("*.tmp"))

@@ -1,4 +1,5 @@
-"""The markdown section for benchmarks/RESULTS.md, written from the run's rows (every number measured)."""
+"""The quality benchmark's markdown report, written from the run's rows (every number measured), and its
+section of benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -136,4 +137,23 @@ def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: P
     L += ["", fig("multi_objective"), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L))
+    return path
+
+
+BEGIN, END = "<!-- quality benchmark: begin (written by benchmarks/quality/run.py) -->", "<!-- quality benchmark: end -->"
+
+
+def splice_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: Path) -> Path:
+    """Rewrite the generated part of `path` (between the BEGIN and END markers) with this run's report,
+    leaving the text around it (the reading of the numbers) as it is; append both if the markers are missing."""
+    section = write_report(path.with_suffix(".quality.tmp"), run, rows, figures, figure_dir)
+    text = section.read_text()
+    section.unlink()
+    old = path.read_text() if path.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+    else:
+        head, tail = old + ("\n" if old else ""), "\n"
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
     return path

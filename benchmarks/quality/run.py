@@ -34,8 +34,8 @@ def _parse(argv):
     p.add_argument("--out", type=Path, help="results folder [default: benchmarks/quality/results/full for --full, "
                    "else a folder beside the trained guides]")
     p.add_argument("--work", type=Path, help="trained guides go here [default: the align-decode cache]")
-    p.add_argument("--report", type=Path, help="markdown report [default: <out>/RESULTS_quality.md; with --full also "
-                   "benchmarks/quality/RESULTS_quality.md]")
+    p.add_argument("--report", type=Path, help="markdown report [default: <out>/RESULTS_quality.md; with --full the "
+                   "quality section of benchmarks/RESULTS.md is rewritten too]")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads [default: 1: on a shared 2-core machine a second thread mostly waits]")
     p.add_argument("--seed", type=int, default=0)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path:
     """Plots and the markdown report from the metric rows; the full run's report also goes beside this file."""
     from . import plots
-    from .report import write_report
+    from .report import splice_report, write_report
     from .tasks import TASKS
 
     figures = {}
@@ -137,7 +137,7 @@ def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path
     names = {k: v.name for k, v in figures.items()}
     path = write_report(report or out / "RESULTS_quality.md", run_info, rows, names, figure_dir=out)
     if run_info["scale"]["name"] == "full" and report is None:
-        write_report(HERE / "RESULTS_quality.md", run_info, rows, names, figure_dir=out)
+        splice_report(HERE.parent / "RESULTS.md", run_info, rows, names, figure_dir=out)
     return path
 
 
