@@ -125,11 +125,10 @@ def test_widest_pairs_keeps_the_largest_margins_in_order():
 def test_splice_report_rewrites_only_the_generated_section(tmp_path, monkeypatch):
     from benchmarks.quality import report
 
-    def fake_write(path, run, rows, figures, figure_dir):
-        path.write_text(f"## Quality\n\nreward {run['reward']}\n")
-        return path
+    def fake_render(where, run, rows, figures, figure_dir):
+        return f"## Quality\n\nreward {run['reward']}\n"
 
-    monkeypatch.setattr(report, "write_report", fake_write)
+    monkeypatch.setattr(report, "render_report", fake_render)
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Speed\n\nfast\n")
     report.splice_report(results, {"reward": 1}, {}, {}, tmp_path)  # no markers yet: appended
@@ -141,4 +140,3 @@ def test_splice_report_rewrites_only_the_generated_section(tmp_path, monkeypatch
     text = results.read_text()
     assert "reward 3" in text and text.endswith("### Reading the numbers\n\nby hand\n")
     assert text.count(report.BEGIN) == text.count(report.END) == 1
-    assert not list(tmp_path.glob("*.tmp"))

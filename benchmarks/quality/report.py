@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .tasks import TASKS
+
 KL_KIND = {"mc": "", "bound": " (b)", "target": " (t)"}
 
 
@@ -38,8 +40,15 @@ def method_table(rows, with_judge: bool, with_second: str | None) -> list[str]:
 
 
 def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_report(path.parent, run, rows, figures, figure_dir))
+    return path
+
+
+def render_report(where: Path, run: dict, rows: dict, figures: dict, figure_dir: Path) -> str:
+    """The report as markdown, its figure links relative to the folder `where` it will be written in."""
     s = run["scale"]
-    rel = os.path.relpath(figure_dir, path.parent)
+    rel = os.path.relpath(figure_dir, where)
     fig = lambda name: f"![{name}]({rel}/{figures[name]})"  # noqa: E731
     L = [
         "## Quality benchmark (SmolLM2-135M-Instruct, CPU)",
@@ -120,7 +129,7 @@ def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: P
 
     multi = [r for r in sent if r["family"] == "genarm_multi"]
     plain = next(r for r in sent if r["family"] == "sample")
-    second = next((k[:-len("_mean")] for k in plain if k.endswith("_mean") and k.startswith("sentiment:")), None)
+    second = TASKS["sentiment"].second_objective
     L += ["", "### Multi-objective: two ARMs (sentiment prompts)", "",
           f"GenARM with two ARMs trained on the same samples of the sentiment task's train prompts: one for "
           f"positive sentiment (VADER compound), one for a neutral, matter-of-fact tone ({second}: the share "
@@ -135,9 +144,7 @@ def write_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: P
                  f"{r[f'{second}_mean']:.3f} ± {r[f'{second}_se']:.3f} | {r['kl']:.2f} | {r['distinct_2']:.3f} | "
                  f"{r['perplexity']:.2f} |")
     L += ["", fig("multi_objective"), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L))
-    return path
+    return "\n".join(L)
 
 
 BEGIN, END = "<!-- quality benchmark: begin (written by benchmarks/quality/run.py) -->", "<!-- quality benchmark: end -->"
@@ -146,9 +153,7 @@ BEGIN, END = "<!-- quality benchmark: begin (written by benchmarks/quality/run.p
 def splice_report(path: Path, run: dict, rows: dict, figures: dict, figure_dir: Path) -> Path:
     """Rewrite the generated part of `path` (between the BEGIN and END markers) with this run's report,
     leaving the text around it (the reading of the numbers) as it is; append both if the markers are missing."""
-    section = write_report(path.with_suffix(".quality.tmp"), run, rows, figures, figure_dir)
-    text = section.read_text()
-    section.unlink()
+    text = render_report(path.parent, run, rows, figures, figure_dir)
     old = path.read_text() if path.is_file() else ""
     if BEGIN in old and END in old:
         head, rest = old.split(BEGIN, 1)

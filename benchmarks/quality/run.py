@@ -119,7 +119,8 @@ def main(argv=None) -> int:
 
 
 def _publish(run_info: dict, rows: dict, out: Path, report: Path | None) -> Path:
-    """Plots and the markdown report from the metric rows; the full run's report also goes beside this file."""
+    """Plots and the markdown report from the metric rows; the full run's report also becomes the quality
+    section of benchmarks/RESULTS.md."""
     from . import plots
     from .report import splice_report, write_report
     from .tasks import TASKS
