@@ -172,22 +172,23 @@ def bench_one(args, timer: Timer, compiled, batch: int, vocab: int, n_guides: in
     return result
 
 
-def markdown_table(results: list[dict], with_compile: bool) -> str:
-    def gbps(r, key):
-        return r["bytes"] / (r[key] * 1e-6) / 1e9
-
+def table_head(with_compile: bool) -> str:
     head = ["B", "V", "R", "dtype", "triton us", "triton GB/s", "eager us", "eager GB/s", "eager / triton"]
     if with_compile:
         head += ["compile us", "compile GB/s", "compile / triton"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        cells = [str(r["B"]), str(r["V"]), str(r["R"]), r["dtype"],
-                 f"{r['triton']:.1f}", f"{gbps(r, 'triton'):.0f}",
-                 f"{r['eager']:.1f}", f"{gbps(r, 'eager'):.0f}", f"{r['eager'] / r['triton']:.2f}x"]
-        if with_compile:
-            cells += [f"{r['compiled']:.1f}", f"{gbps(r, 'compiled'):.0f}", f"{r['compiled'] / r['triton']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+
+
+def table_row(r: dict, with_compile: bool) -> str:
+    def gbps(key):
+        return r["bytes"] / (r[key] * 1e-6) / 1e9
+
+    cells = [str(r["B"]), str(r["V"]), str(r["R"]), r["dtype"],
+             f"{r['triton']:.1f}", f"{gbps('triton'):.0f}",
+             f"{r['eager']:.1f}", f"{gbps('eager'):.0f}", f"{r['eager'] / r['triton']:.2f}x"]
+    if with_compile:
+        cells += [f"{r['compiled']:.1f}", f"{gbps('compiled'):.0f}", f"{r['compiled'] / r['triton']:.2f}x"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:
@@ -205,6 +206,11 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0)
     print(f"device: {device}, torch {torch.__version__}, top_k={args.top_k}, top_p={args.top_p}, "
           f"cuda_graph={args.cuda_graph}", file=sys.stderr)
+    mode = "CUDA-graph replays" if args.cuda_graph else "eager launches"
+    # Rows are printed as they are measured, so a run cut short still leaves a table.
+    print(f"\n### Fused mix-and-sample on {device}: median us over {args.iters} {mode}, L2 flushed; "
+          "GB/s = input bytes / time\n")
+    print(table_head(compiled is not None), flush=True)
     results = []
     for dtype_name in args.dtype:
         for n_guides in args.guides:
@@ -218,10 +224,7 @@ def main(argv=None) -> int:
                     if r.get("check"):
                         msg += f"  DISAGREES WITH THE REFERENCE: {r['check']}"
                     print(msg, file=sys.stderr)
-    mode = "CUDA-graph replays" if args.cuda_graph else "eager launches"
-    print(f"\n### Fused mix-and-sample on {device}: median us over {args.iters} {mode}, L2 flushed; "
-          "GB/s = input bytes / time\n")
-    print(markdown_table(results, compiled is not None))
+                    print(table_row(r, compiled is not None), flush=True)
     disagreements = [r for r in results if r.get("check")]
     if disagreements:
         print(f"\n{len(disagreements)} configuration(s) disagreed with the reference (see stderr)")

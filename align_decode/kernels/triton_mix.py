@@ -59,6 +59,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .reference import SampleOutput
 from .rows import SamplingRows
@@ -68,6 +69,11 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 MAX_GUIDES = 8
 MAX_SPLITS = 128
+PROBE = 0
+PROBE_WARPS = None
+PROBE_STAGES = None
+PROBE_LAUNCH_STAGES = None
+LAST_PARTIALS = None
 
 # Order-preserving int32 key of an fp32 value (see `_order_key`), precomputed for -inf: every value has a
 # key >= this one, so a cut at it keeps the whole row.
@@ -76,6 +82,9 @@ _KEY_NEG_INF = tl.constexpr(-2139095041)
 _KEY_ABOVE_ALL = tl.constexpr(2147483647)
 _NO_TOKEN = tl.constexpr(2147483647)  # larger than any token id: "no candidate yet"
 _TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32
+_LN2 = tl.constexpr(0.6931471805599453)
+# Compiled code may use the GPU's approximate special functions; the interpreter has only numpy's.
+_COMPILED = tl.constexpr(not INTERPRETED)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,11 +98,13 @@ def _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
     """z = policy / T + sum_i w_i * guide_i for one block of a row, in fp32.
 
     Columns past the row load as -inf in the policy and 0 in the guides, so they are masked tokens and
-    never produce 0 * inf. The operations and their order are the reference's (IEEE division, product
-    then sum, launched without FMA contraction), so z is bitwise the reference's z.
+    never produce 0 * inf. Products then sums in the reference's order, launched without FMA
+    contraction, so z is the reference's z to within one rounding of s / T (bitwise at T = 1).
     """
     z = tl.load(policy_ptr + row * policy_stride + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-    z = tl.math.div_rn(z, temperature)
+    # One exact reciprocal per block instead of a division per token (within 1 ulp of the reference's
+    # s / T; exact at T = 1).
+    z = z * tl.math.div_rn(1.0, temperature)
     for i in tl.static_range(NUM_GUIDES):
         w = tl.load(weight_ptr + row * weight_stride + i).to(tl.float32)
         g = tl.load(guides[i] + row * guide_strides[i] + cols, mask=in_range, other=0.0).to(tl.float32)
@@ -117,21 +128,31 @@ def _order_key(x):
 
 
 @triton.jit
+def _log2(x):
+    """log2 on the special-function unit (lg2.approx: about 2^-22 relative error, absolute near 1) when
+    compiled; numpy's exact log2 under the interpreter. The precise libdevice log costs tens of
+    instructions per call, which made the in-kernel noise, not memory, the kernel's limit."""
+    if _COMPILED:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _exponential(u):
     """E = -log1p(-u): an Exp(1) variate from u ~ U(0, 1), accurate for the small u that matter.
 
     Small u give small E, i.e. the largest Gumbel values -log(E), the ones that win the argmax. log(1 - u)
     loses u's digits there (1 - u rounds to 1 below u = 2^-25: E = 0 and an infinite Gumbel), and Triton
-    has no portable log1p. For u <= 1/2 use log1p(-u) = 2 atanh(s), s = -u / (2 - u), |s| <= 1/3:
-        -log1p(-u) = t (1 + q/3 + q^2/5 + ... + q^7/15),   t = 2|s| = u / (1 - u/2),  q = s^2 <= 1/9,
-    whose truncation error (q^8 / 17 < 2e-9, relative) is below fp32 rounding. For u > 1/2, 1 - u is
-    exact (Sterbenz), so log(1 - u) is as good as the log.
+    has no portable log1p. For u <= 1/4 use log1p(-u) = 2 atanh(s), s = -u / (2 - u), |s| <= 1/7:
+        -log1p(-u) = t (1 + q/3 + q^2/5 + q^3/7 + q^4/9),   t = 2|s| = u / (1 - u/2),  q = s^2 <= 1/49,
+    whose truncation error (q^5 / 11 < 4e-10, relative) is below fp32 rounding. For u > 1/4, 1 - u
+    rounds by at most 2^-25, a relative error below 2^-23 of E, and the approximate log2 adds < 6e-7.
     """
-    t = u / (1.0 - 0.5 * u)
+    t = u / (1.0 - 0.5 * u)  # plain `/` is the approximate division (2 ulp): the series absorbs it
     q = 0.25 * t * t
-    series = 1.0 + q * (1.0 / 3 + q * (1.0 / 5 + q * (1.0 / 7 + q * (1.0 / 9 + q * (1.0 / 11 + q * (
-        1.0 / 13 + q * (1.0 / 15)))))))
-    return tl.where(u > 0.5, -tl.log(1.0 - u), t * series)
+    series = tl.fma(q, tl.fma(q, tl.fma(q, tl.fma(q, 1.0 / 9, 1.0 / 7), 1.0 / 5), 1.0 / 3), 1.0)
+    return tl.where(u > 0.25, -_LN2 * _log2(1.0 - u), t * series)
 
 
 @triton.jit
@@ -158,15 +179,21 @@ def _gumbel_noise(seed, step, start, BLOCK: tl.constexpr):
     """Gumbel(0, 1) noise for the tokens start .. start + BLOCK - 1 of a row: G = -log(-log1p(-u))."""
     # uniform in [0, 1 - 2^-24]; 0 is possible, and -log1p(-0) = 0 would give an infinite Gumbel
     u = tl.maximum(tl.random.uint_to_uniform_float(_random_bits(seed, step, start, BLOCK)), _TINY)
-    return -tl.log(_exponential(u))
+    # With the approximate log2, G is within ~3e-6 (absolute, at its largest values ~21) of the exact
+    # -log(E): under 2 ulp of the z + G it is added to.
+    return -_LN2 * _log2(_exponential(u))
 
 
 @triton.jit
 def _draw_scores(z, start, cols, row, noise_ptr, noise_stride, in_range, seed, step,
-                 HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr, PROBE: tl.constexpr = 0):
     """z + Gumbel noise: supplied noise when given (the reference's test path), else in-kernel noise."""
     if HAS_NOISE:
         g = tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+    elif PROBE == 1:
+        g = 0.0
+    elif PROBE == 2:
+        g = tl.random.uint_to_uniform_float(_random_bits(seed, step, start, BLOCK))
     else:
         g = _gumbel_noise(seed, step, start, BLOCK)
     return z + g
@@ -205,7 +232,8 @@ def _partials_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_pt
                      top_k_ptr, top_p_ptr, min_p_ptr,
                      part_m_ptr, part_s_ptr, part_score_ptr, part_idx_ptr, part_z_ptr,
                      V, chunk, n_splits,
-                     NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+                     NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                     PROBE: tl.constexpr = 0, STAGES: tl.constexpr = None):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     temperature = tl.load(temperature_ptr + row).to(tl.float32)
@@ -225,22 +253,22 @@ def _partials_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_pt
 
     begin = split * chunk
     end = tl.minimum(begin + chunk, V)
-    for start in range(begin, end, BLOCK):
+    for start in tl.range(begin, end, BLOCK, num_stages=STAGES):
         cols = start + lanes
         in_range = cols < end
         z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
                           guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-        # Online log-sum-exp: rescale the old sum to the new max. While both maxima are -inf (only masked
-        # tokens so far) exp(-inf - -inf) would be NaN: shift by 0 instead, which adds exact zeros.
-        m_new = tl.maximum(m, z)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.exp(z - shift)
-        m = m_new
+        # Online log-sum-exp with one exp per token: of exp(m - m_new) and exp(z - m_new) one is exp(0),
+        # and the other is e = exp(-|z - m|). A new max rescales the sum (s e + 1), otherwise e is added.
+        # A masked token (z = -inf) adds exactly 0, also while m is still -inf (where z - m is NaN).
+        e = tl.exp(-tl.abs(z - m))
+        s = tl.where(z > m, tl.fma(s, e, 1.0), s + tl.where(z == float("-inf"), 0.0, e))
+        m = tl.maximum(m, z)
 
         score = z
         if draw:
             score = _draw_scores(z, start, cols, row, noise_ptr, noise_stride, in_range, seed, step,
-                                 HAS_NOISE, BLOCK)
+                                 HAS_NOISE, BLOCK, PROBE)
         # Strict > keeps the earliest token of a lane on ties; blocks are visited in token order.
         take = score > best
         best = tl.where(take, score, best)
@@ -524,7 +552,7 @@ def _launch_shape(batch: int, vocab: int, device: torch.device, block: int | Non
     splits = min(splits, n_blocks, MAX_SPLITS)
     blocks_per_split = triton.cdiv(n_blocks, splits)
     splits = triton.cdiv(n_blocks, blocks_per_split)
-    num_warps = 8 if block >= 2048 else 4
+    num_warps = PROBE_WARPS or (8 if block >= 2048 else 4)
     return block, search_block, pivots, splits, blocks_per_split * block, num_warps
 
 
@@ -602,9 +630,12 @@ def mix_and_sample_triton(
     part_idx = torch.empty(batch, n_splits, dtype=torch.int32, device=device)
     parts = (part_m, part_s, part_score, part_idx, part_z)
 
-    _partials_kernel[(batch, n_splits)](
+    global LAST_PARTIALS
+    LAST_PARTIALS = _partials_kernel[(batch, n_splits)](
         *inputs, *noise_args, *row_args, *parts, vocab, chunk, n_splits,
-        NUM_GUIDES=len(guides), HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps, **options)
+        NUM_GUIDES=len(guides), HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps,
+        PROBE=PROBE, STAGES=PROBE_STAGES, **({"num_stages": PROBE_LAUNCH_STAGES} if PROBE_LAUNCH_STAGES else {}),
+        **options)
 
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprob = torch.empty(batch, dtype=torch.float32, device=device)
