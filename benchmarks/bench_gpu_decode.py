@@ -97,17 +97,18 @@ def main(argv=None) -> int:
         gen = torch.Generator(device="cuda").manual_seed(batch)
         ids = torch.randint(3, VOCAB, (batch, args.prompt_length), device="cuda", generator=gen)
         mask = torch.ones_like(ids)
-        common = dict(max_new_tokens=args.tokens, do_sample=True, top_k=0, temperature=1.0)
+        common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.tokens, do_sample=True, top_k=0,
+                      temperature=1.0)
+
+        def ours(sampler, strategy):
+            return with_sampler(sampler, lambda: aligned.generate(seed=0, strategy=strategy, **common))
+
         variants = {
-            "model.generate()": lambda: policy.generate(input_ids=ids, attention_mask=mask, **common),
-            "loop, triton": with_sampler("triton", lambda: aligned.generate(
-                input_ids=ids, attention_mask=mask, seed=0, strategy=plain, **common)),
-            "loop, torch": with_sampler("torch", lambda: aligned.generate(
-                input_ids=ids, attention_mask=mask, seed=0, strategy=plain, **common)),
-            "GenARM, triton": with_sampler("triton", lambda: aligned.generate(
-                input_ids=ids, attention_mask=mask, seed=0, strategy=genarm, **common)),
-            "GenARM, torch": with_sampler("torch", lambda: aligned.generate(
-                input_ids=ids, attention_mask=mask, seed=0, strategy=genarm, **common)),
+            "model.generate()": lambda: policy.generate(**common),
+            "loop, triton": ours("triton", plain),
+            "loop, torch": ours("torch", plain),
+            "GenARM, triton": ours("triton", genarm),
+            "GenARM, torch": ours("torch", genarm),
         }
         for fn in variants.values():  # warm-up: kernel compilation, cuBLAS handles, allocator
             fn()
