@@ -32,6 +32,7 @@ import torch
 from align_decode import AlignedModel, TransferQ
 from align_decode.models import load_model
 from align_decode.rewards import SentimentReward
+from align_decode.transformers_compat import forward_with_cache
 
 PROMPTS = [
     "Tell me about your weekend.",
@@ -66,8 +67,8 @@ def official_pattern(model, tok, reward, prompt_ids, prompt_text, tokens, k, hor
     """The released code's step, batch size 1: top-k of the prior's logits, then per candidate one
     from-scratch generate() of H greedy tokens and one reward call; take argmax(logit + alpha * r)."""
     ids = prompt_ids
-    out = model(input_ids=ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[0, -1].float()
+    out, cache = forward_with_cache(model, None, input_ids=ids)
+    logits = out.logits[0, -1].float()
     generated = []
     for _ in range(tokens):
         top = logits.topk(k)
@@ -81,8 +82,8 @@ def official_pattern(model, tok, reward, prompt_ids, prompt_text, tokens, k, hor
         chosen = top.indices[max(range(k), key=scores.__getitem__)].view(1, 1)
         generated.append(int(chosen))
         ids = torch.cat([ids, chosen], dim=1)
-        out = model(input_ids=chosen, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[0, -1].float()
+        out, cache = forward_with_cache(model, cache, input_ids=chosen)
+        logits = out.logits[0, -1].float()
     return generated
 
 

@@ -27,6 +27,7 @@ _REFUSED_INPUTS = {
     "synced_gpus": "not supported",
     "position_ids": "positions are derived from attention_mask",
     "past_key_values": "align-decode manages its own caches",
+    "cache": "align-decode manages its own caches",
     "token_type_ids": "not supported",
     "stop_strings": "use eos_token_id",
 }

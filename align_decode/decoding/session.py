@@ -21,6 +21,8 @@ import inspect
 
 import torch
 
+from ..transformers_compat import forward_with_cache
+
 _MODELS_WITH_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
@@ -83,15 +85,9 @@ class ModelSession:
         kwargs = {}
         if not all_logits and _accepts_logits_to_keep(self.model):
             kwargs["logits_to_keep"] = 1
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask.long(),
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **kwargs,
+        out, self.cache = forward_with_cache(
+            self.model, self.cache, input_ids=ids, attention_mask=self.mask.long(), position_ids=positions, **kwargs
         )
-        self.cache = out.past_key_values
         self.forward_tokens += ids.numel()
         logits = out.logits if all_logits else out.logits[:, -1]
         if self.vocab_size is not None:

@@ -27,6 +27,7 @@ from ..decoding.candidates import score_completions
 from ..decoding.prompts import PromptBatch, left_pad
 from ..decoding.session import ModelSession
 from ..decoding.vocab import shared_width
+from ..transformers_compat import forward_with_cache
 from .guides import LMGuide, LMGuideState
 from .topk_guides import TopKGuide, TopKGuideState
 
@@ -132,11 +133,11 @@ class _PerPositionValues(torch.nn.Module):
         self.backbone, self.head, self.label = backbone, head, label
         self.config = backbone.config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True, **_):
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True, **_):
+        out, cache = forward_with_cache(self.backbone, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids)
         values = self.head(out.last_hidden_state)[..., self.label : self.label + 1]
-        return SimpleNamespace(logits=values, past_key_values=out.past_key_values)
+        return SimpleNamespace(logits=values, cache=cache)
 
 
 class _CachedValueState(TopKGuideState):
