@@ -1,15 +1,24 @@
 """align-decode: inference-time alignment decoding for transformers causal LMs."""
 
-from .decoding import AlignedModel, BestOfN, GenARM, QAlign, Sample
-from .decoding import TransferQ
-from .rewards import ARM, LMGuide, PromptedARM
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = ["AlignedModel", "BestOfN", "GenARM", "QAlign", "Sample", "ARM", "LMGuide", "PromptedARM", "__version__"]
-__all__ += ["TransferQ"]
-
-from .decoding import ARGS, BlockwiseCD, TokenwiseCD  # noqa: E402
-from .rewards import QValueModel, ScalarValueModel  # noqa: E402
-
-__all__ += ["ARGS", "BlockwiseCD", "TokenwiseCD", "QValueModel", "ScalarValueModel"]
+_EXPORTS = {
+    "ARGS": ".decoding",
+    "ARM": ".rewards",
+    "AlignedModel": ".decoding",
+    "BestOfN": ".decoding",
+    "BlockwiseCD": ".decoding",
+    "GenARM": ".decoding",
+    "LMGuide": ".rewards",
+    "PromptedARM": ".rewards",
+    "QAlign": ".decoding",
+    "QValueModel": ".rewards",
+    "Sample": ".decoding",
+    "ScalarValueModel": ".rewards",
+    "TokenwiseCD": ".decoding",
+    "TransferQ": ".decoding",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -32,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from align_decode import ARM, AlignedModel, GenARM  # noqa: E402
+from align_decode.kernels.dispatch import fused_sampler  # noqa: E402
 
 VOCAB = 128256
 
@@ -63,6 +64,7 @@ def with_sampler(name: str, fn):
     def run():
         old = os.environ.get("ALIGN_DECODE_DISABLE_TRITON")
         os.environ["ALIGN_DECODE_DISABLE_TRITON"] = "1" if name == "torch" else "0"
+        fused_sampler.cache_clear()  # the sampler is chosen once per process: choose again
         try:
             return fn()
         finally:
@@ -70,6 +72,7 @@ def with_sampler(name: str, fn):
                 os.environ.pop("ALIGN_DECODE_DISABLE_TRITON")
             else:
                 os.environ["ALIGN_DECODE_DISABLE_TRITON"] = old
+            fused_sampler.cache_clear()
 
     return run
 

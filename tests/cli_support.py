@@ -26,9 +26,17 @@ def read_lines(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def cli_runner() -> CliRunner:
+    """A runner that keeps stderr apart from stdout: click < 8.2 needs to be told, 8.2 removed the switch."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
 def invoke(*args):
     """Run the CLI in process; an exception other than the CLI's own exit is re-raised."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+    result = cli_runner().invoke(cli, [str(a) for a in args])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from align_decode.cli import cli
 from align_decode.io.console import Console
@@ -15,7 +14,7 @@ from align_decode.io.prompts_file import PromptFileError, parse_shard, read_prom
 from align_decode.io.results import ResultsFile
 from align_decode.methods import METHODS, check_applicable, get_method
 from align_decode.rewards import CallableReward, registry
-from cli_support import assert_one_line_error, invoke, read_lines, save_model, write_jsonl
+from cli_support import assert_one_line_error, cli_runner, invoke, read_lines, save_model, write_jsonl
 from cli_support import run_ok as cli_run_ok
 from tiny import tiny_tokenizer
 
@@ -285,7 +284,7 @@ def test_a_failure_mid_run_keeps_finished_prompts_and_exits_1(models, prompts, t
 
 
 def test_debug_shows_the_exception_instead_of_one_line(models, prompts, tmp_path):
-    result = CliRunner().invoke(cli, ["run", "--model", models["policy"], "--prompts", prompts,
+    result = cli_runner().invoke(cli, ["run", "--model", models["policy"], "--prompts", prompts,
                                       "--out", str(tmp_path / "o.jsonl"), "--method", "beam", "--debug"])
     assert isinstance(result.exception, ValueError) and "unknown method 'beam'" in str(result.exception)
 

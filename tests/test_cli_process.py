@@ -89,16 +89,15 @@ def test_sigterm_and_kill_9_lose_nothing_and_resume_completes(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_runs_two_prompts(tmp_path):
-    from click.testing import CliRunner
-
     from align_decode.cli import cli
+    from cli_support import cli_runner
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"id": "hello", "prompt": "Say hello to a new neighbour."},
         {"id": "rain", "messages": [{"role": "user", "content": "Describe a rainy morning."}]},
     ])
     out = tmp_path / "out.jsonl"
-    result = CliRunner().invoke(cli, ["run", "--prompts", prompts, "--out", str(out), "--max-new-tokens", "6"])
+    result = cli_runner().invoke(cli, ["run", "--prompts", prompts, "--out", str(out), "--max-new-tokens", "6"])
     assert result.exit_code == 0, result.stderr
     lines = read_lines(out)
     assert [line["id"] for line in lines] == ["hello", "rain"]

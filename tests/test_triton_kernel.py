@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from align_decode.errors import AlignDecodeWarning
 from align_decode.kernels import SamplingRows, sample_next
 from align_decode.kernels.reference import mix_and_sample_reference
 
@@ -35,7 +36,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 NEG_INF = float("-inf")
 
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: pip install triton==3.7.1")
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed: pip install 'align-decode[triton]'")
 compiled_only = pytest.mark.skipif(IN_INTERPRETER, reason="checks the compiled (non-interpreter) import")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(
@@ -496,16 +497,56 @@ def test_cpu_tensors_need_cuda_or_the_interpreter():
     assert torch.equal(auto.tokens, mix_and_sample_reference(policy, [], None, rows, 2).tokens)
 
 
-def test_dispatch_without_triton(monkeypatch):
-    """Without triton, "auto" falls back to the reference and "triton" says what to install."""
+@pytest.fixture
+def fresh_choice():
+    """The CUDA sampler is chosen once per process: let a test choose again, and leave no choice behind."""
     from align_decode.kernels import dispatch
 
+    dispatch.fused_sampler.cache_clear()
+    yield dispatch
+    dispatch.fused_sampler.cache_clear()
+
+
+def test_dispatch_without_triton(monkeypatch, fresh_choice, caplog):
+    """Without the kernel, "auto" falls back to the reference with a warning that says why, and "triton"
+    says what to install."""
     monkeypatch.setitem(sys.modules, "align_decode.kernels.triton_mix", None)  # import now fails
-    assert dispatch._triton_sampler() is None
-    with pytest.raises(RuntimeError, match="pip install triton==3.7.1"):
+    caplog.set_level("INFO", logger="align_decode.kernels.dispatch")
+    with pytest.warns(AlignDecodeWarning, match="torch reference: .*does not load") as caught:
+        assert fresh_choice.fused_sampler() is None
+        assert fresh_choice.fused_sampler() is None  # chosen once: no second warning
+    assert len(caught) == 1
+    assert "torch reference" in caplog.text
+    with pytest.raises(RuntimeError, match=r"pip install 'align-decode\[triton\]'"):
         sample_next(torch.randn(2, 50), backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
         sample_next(torch.randn(2, 50), backend="cuda")
+
+
+@needs_triton
+def test_a_triton_without_what_the_kernel_reads_falls_back_with_the_reason(monkeypatch, fresh_choice):
+    """A triton release that imports but lacks an attribute the kernel uses is refused up front (it would
+    fail on every CUDA step), naming the attribute."""
+    wanted = (*fresh_choice.REQUIRED_TRITON_ATTRIBUTES, "language.extra.libdevice.no_such_function")
+    monkeypatch.setattr(fresh_choice, "REQUIRED_TRITON_ATTRIBUTES", wanted)
+    with pytest.warns(AlignDecodeWarning, match=r"lacks triton\.language\.extra\.libdevice\.no_such_function"):
+        assert fresh_choice.fused_sampler() is None
+
+
+@needs_triton
+def test_the_installed_triton_has_what_the_kernel_reads(fresh_choice, caplog):
+    """The kernel is chosen, and the log says so with the version."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="align_decode.kernels.dispatch"):
+        assert fresh_choice.fused_sampler() is not None
+    assert "Triton kernel (triton " in caplog.text
+
+
+def test_disabling_triton_is_logged_not_warned(monkeypatch, fresh_choice, recwarn):
+    monkeypatch.setenv("ALIGN_DECODE_DISABLE_TRITON", "1")
+    assert fresh_choice.fused_sampler() is None
+    assert not [w for w in recwarn if issubclass(w.category, AlignDecodeWarning)]
 
 
 def test_align_decode_imports_without_triton():

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import AlignDecodeWarning
 from ..kernels import SamplingRows, derive_seeds
 
 # Settings the engine honours.
@@ -209,6 +210,7 @@ class GenerationSettings:
             if name not in SUPPORTED and name not in from_user and not _is_neutral(name, value):
                 warnings.warn(
                     f"the model's generation_config sets {name}={value!r}, which align-decode does not apply",
+                    AlignDecodeWarning,
                     stacklevel=3,
                 )
         merged = {**_DEFAULTS, **{k: v for k, v in from_model.items() if k in SUPPORTED}, **from_user}

@@ -3,23 +3,87 @@ everything else to the torch reference. The decoding loop and the vLLM plugin ca
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
 import os
-from typing import Sequence
+import warnings
+from typing import Callable, Sequence
 
 import torch
 
+from ..errors import AlignDecodeWarning
 from .reference import SampleOutput, mix_and_sample_reference
 from .rows import SamplingRows
 
+logger = logging.getLogger(__name__)
 
-def _triton_sampler():
+TRITON_INSTALL = "pip install 'align-decode[triton]'"
+# What the kernel reads from triton beyond its core (`triton.jit`, `tl.load`, ...): a release without one
+# of these imports fine and then fails at the first launch, so it is checked before the kernel is chosen.
+REQUIRED_TRITON_ATTRIBUTES = (
+    "knobs.runtime.interpret",
+    "cdiv",
+    "next_power_of_2",
+    "language.philox",
+    "language.math.div_rn",
+    "language.extra.libdevice.fast_log2f",
+)
+
+
+def _missing_attributes(module, dotted_names: Sequence[str]) -> list[str]:
+    missing = []
+    for dotted in dotted_names:
+        obj = module
+        for part in dotted.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                try:  # a submodule that was not imported yet (triton.language.extra.libdevice)
+                    obj = importlib.import_module(f"{obj.__name__}.{part}")
+                except (ImportError, AttributeError):
+                    missing.append(f"{module.__name__}.{dotted}")
+                    break
+    return missing
+
+
+def _choose_fused() -> tuple[Callable | None, str]:
+    """(the fused kernel or None, why): decided once per process, on the first CUDA step."""
     if os.environ.get("ALIGN_DECODE_DISABLE_TRITON") == "1":
-        return None
+        return None, "ALIGN_DECODE_DISABLE_TRITON=1 is set"
+    if importlib.util.find_spec("triton") is None:
+        return None, f"triton is not installed ({TRITON_INSTALL})"
+    version = importlib.metadata.version("triton")
+    try:
+        import triton
+    except Exception as e:  # a broken install raises more than ImportError
+        return None, f"triton {version} does not import: {type(e).__name__}: {e}"
+    missing = _missing_attributes(triton, REQUIRED_TRITON_ATTRIBUTES)
+    if missing:
+        return None, f"triton {version} lacks {', '.join(missing)}, which the kernel uses ({TRITON_INSTALL})"
     try:
         from .triton_mix import mix_and_sample_triton
-    except ImportError:
-        return None
-    return mix_and_sample_triton
+    except Exception as e:
+        return None, f"the Triton kernel does not load with triton {version}: {type(e).__name__}: {e}"
+    return mix_and_sample_triton, f"triton {version}"
+
+
+@functools.cache
+def fused_sampler() -> Callable | None:
+    """The Triton kernel for CUDA tensors, or None to use the torch reference; chosen once and logged, with
+    a warning when a kernel that could not be used falls back to the reference."""
+    fused, why = _choose_fused()
+    if fused is not None:
+        logger.info("align-decode samples CUDA tensors with the Triton kernel (%s)", why)
+    elif why.startswith("ALIGN_DECODE_DISABLE_TRITON"):
+        logger.info("align-decode samples CUDA tensors with the torch reference (%s)", why)
+    else:
+        logger.info("align-decode samples CUDA tensors with the torch reference: %s", why)
+        warnings.warn(f"the Triton kernel is not used, CUDA steps run the slower torch reference: {why}",
+                      AlignDecodeWarning, stacklevel=3)
+    return fused
 
 
 def sample_next(
@@ -36,8 +100,8 @@ def sample_next(
     """Mix policy scores [B, V] with guide scores (each [B, V]) under per-row weights [B, R], truncate
     and draw one token per row. See `kernels.reference` for the exact law.
 
-    backend: "auto" sends CUDA tensors to the Triton kernel (when triton imports) and the rest to the torch
-    reference; "torch" always uses the reference; "triton" always uses the kernel, which on CPU tensors
+    backend: "auto" sends CUDA tensors to the Triton kernel (when the installed triton has what it needs:
+    `fused_sampler`) and the rest to the torch reference; "torch" always uses the reference; "triton" always uses the kernel, which on CPU tensors
     works only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported): for tests.
     """
     if backend not in ("auto", "torch", "triton"):
@@ -57,9 +121,9 @@ def sample_next(
         try:
             from .triton_mix import mix_and_sample_triton as fused
         except ImportError as err:
-            raise RuntimeError("backend='triton' needs triton: pip install triton==3.7.1") from err
+            raise RuntimeError(f"backend='triton' needs triton: {TRITON_INSTALL}") from err
     elif backend == "auto" and policy.is_cuda:
-        fused = _triton_sampler()
+        fused = fused_sampler()
     if fused is not None:
         return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
     return mix_and_sample_reference(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)

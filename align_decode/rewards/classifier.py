@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import AlignDecodeWarning
 from .base import SequenceReward
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -212,6 +213,7 @@ class ClassifierReward(SequenceReward):
         warnings.warn(
             f"reward model config has no pad_token_id; using {int(pad)} and writing it into the model config "
             "(transformers needs it to find the last token of padded rows)",
+            AlignDecodeWarning,
             stacklevel=3,
         )
         text_config.pad_token_id = int(pad)

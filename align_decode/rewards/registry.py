@@ -24,9 +24,10 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .base import SequenceReward
+if TYPE_CHECKING:
+    from .base import SequenceReward
 
 # Rewards scored when --reward is not given, in order; any that is not registered or cannot be built
 # here (a missing optional package) is left out, so the defaults never stop a run.
@@ -117,6 +118,7 @@ def _import_module(target: str):
 
 def load_callable_reward(spec: str) -> SequenceReward:
     """`module:attr` or `file.py:attr` -> a SequenceReward (instance, subclass, or batched function)."""
+    from .base import SequenceReward
     from .function import CallableReward
 
     target, _, attr = spec.rpartition(":")

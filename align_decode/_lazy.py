@@ -1,0 +1,28 @@
+"""Package attributes imported on first use, so that `import align_decode` (and the command line's
+`--help` and argument errors) cost no torch or transformers import."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], object], Callable[[], list]]:
+    """(__getattr__, __dir__) for a package whose public names live in submodules.
+
+    exports maps each public name to the module (relative to the package) that defines it.
+    """
+    namespace = importlib.import_module(package).__dict__
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value  # later lookups skip __getattr__
+        return value
+
+    def __dir__() -> list:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__
