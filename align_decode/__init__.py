@@ -6,17 +6,17 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ARGS": ".decoding",
-    "ARM": ".rewards",
+    "ARM": ".decoding.guides",
     "AlignedModel": ".decoding",
     "BestOfN": ".decoding",
     "BlockwiseCD": ".decoding",
     "GenARM": ".decoding",
-    "LMGuide": ".rewards",
-    "PromptedARM": ".rewards",
+    "LMGuide": ".decoding.guides",
+    "PromptedARM": ".decoding.guides",
     "QAlign": ".decoding",
-    "QValueModel": ".rewards",
+    "QValueModel": ".decoding.guides",
     "Sample": ".decoding",
-    "ScalarValueModel": ".rewards",
+    "ScalarValueModel": ".decoding.guides",
     "TokenwiseCD": ".decoding",
     "TransferQ": ".decoding",
 }

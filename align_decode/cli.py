@@ -41,12 +41,12 @@ import warnings
 
 import click
 
-from .config import apply_config
-from .io.console import Console
-from .io.prompts_file import FORMATS
-from .io.results import encode_line
-from .methods import BACKENDS, DEFAULT_METHOD, METHOD_OPTIONS, METHODS
-from .runner import DTYPES, RunConfig, RunFailure, Terminated, run
+from .commandline.config_file import apply_config
+from .commandline.console import Console
+from .commandline.prompts_file import FORMATS
+from .commandline.results_file import encode_line
+from .commandline.methods import BACKENDS, DEFAULT_METHOD, METHOD_OPTIONS, METHODS
+from .commandline.run import DTYPES, RunConfig, RunFailure, Terminated, run
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 # The exceptions the package raises for bad input or options (PromptFileError is a ValueError).
@@ -255,7 +255,7 @@ def _run_job(ctx: click.Context, job, summary=None):
     p = ctx.params
     console = Console(quiet=p["quiet"])
     try:
-        from .training_cli import set_threads
+        from .commandline.training_jobs import set_threads
 
         set_threads(p["threads"])
         with _library_output(console, p["debug"]):
@@ -326,8 +326,8 @@ def _prompt_options(command):
 @click.pass_context
 def make_preferences_command(ctx: click.Context, **p):
     """Sample responses, score them with a reward and pair the best with the worst (ARM training data)."""
-    from .preferences import PreferenceSettings
-    from .training_cli import PreferenceJob, make_preferences
+    from .training.preferences import PreferenceSettings
+    from .commandline.training_jobs import PreferenceJob, make_preferences
 
     def job(console):
         settings = PreferenceSettings(samples=p["samples"], max_new_tokens=p["max_new_tokens"],
@@ -383,8 +383,8 @@ def make_preferences_command(ctx: click.Context, **p):
 @click.pass_context
 def train_arm_command(ctx: click.Context, **p):
     """Train an autoregressive reward model (GenARM) on preference pairs."""
-    from .rewards.arm_training import ARMTrainingConfig
-    from .training_cli import ARMJob, arm_summary, train_arm_job
+    from .training.arm import ARMTrainingConfig
+    from .commandline.training_jobs import ARMJob, arm_summary, train_arm_job
 
     def job(console):
         config = ARMTrainingConfig(
@@ -420,7 +420,7 @@ def train_arm_command(ctx: click.Context, **p):
 @click.pass_context
 def train_value_command(ctx: click.Context, **p):
     """Train a controlled-decoding value model with CD-FUDGE."""
-    from .training_cli import ValueJob, ValueSettings, train_value_job, value_summary
+    from .commandline.training_jobs import ValueJob, ValueSettings, train_value_job, value_summary
 
     def job(console):
         settings = ValueSettings(kind=p["kind"], layers=p["layers"], samples=p["samples"],

@@ -65,7 +65,7 @@ PLUGIN_SECONDS = [0.0]  # time spent inside the plugin's methods (this process)
 def time_plugin() -> None:
     """Wrap the processor's entry points with timers: the plugin's own share of each round is measured
     directly, which machine noise cannot hide the way it hides a 2% throughput difference."""
-    from align_decode.decoding.vllm_plugin.processor import GuidanceLogitsProcessor as P
+    from align_decode.serving.vllm_plugin.processor import GuidanceLogitsProcessor as P
 
     def timed(fn):
         def wrapper(*a, **k):

@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     from align_decode import BestOfN
     from align_decode.decoding import PromptBatch, left_pad
-    from align_decode.decoding.backends import VLLMBackend, engine_generate
+    from align_decode.serving.engines import VLLMBackend, engine_generate
     from align_decode.decoding.strategy import Policy
     from align_decode.models import default_model_path, load_model
     from align_decode.rewards import SequenceReward

@@ -51,10 +51,10 @@ def main(argv=None) -> int:
     from align_decode import GenARM, Sample
     from align_decode.decoding import Policy
     from align_decode.models import cache_dir, load_model
-    from align_decode.preferences import PreferenceSettings
-    from align_decode.rewards import ARM
-    from align_decode.rewards.arm_training import ARMTrainingConfig
-    from align_decode.training_cli import ARMJob, PreferenceJob, arm_summary, make_preferences, train_arm_job
+    from align_decode.training.preferences import PreferenceSettings
+    from align_decode.decoding.guides import ARM
+    from align_decode.training.arm import ARMTrainingConfig
+    from align_decode.commandline.training_jobs import ARMJob, PreferenceJob, arm_summary, make_preferences, train_arm_job
     from benchmarks.quality.evaluate import complete, summary_row
     from benchmarks.quality.generate import EvalContext, run_token_method
     from benchmarks.quality.tasks import TASKS

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from align_decode import ARM, AlignedModel, GenARM
-from align_decode.rewards.arm_training import (
+from align_decode.training.arm import (
     ARMTrainingConfig,
     arm_loss,
     encode_pair,
@@ -18,7 +18,7 @@ from align_decode.rewards.arm_training import (
     train_arm,
     truncate_layers,
 )
-from align_decode.rewards.lora import LoRALinear, add_lora, merge_lora
+from align_decode.training.lora import LoRALinear, add_lora, merge_lora
 from tiny import tiny_llama, tiny_tokenizer
 
 

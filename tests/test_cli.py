@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from align_decode.cli import cli
-from align_decode.io.console import Console
-from align_decode.io.prompts_file import PromptFileError, parse_shard, read_prompts, shard_records
-from align_decode.io.results import ResultsFile
-from align_decode.methods import METHODS, check_applicable, get_method
+from align_decode.commandline.console import Console
+from align_decode.commandline.prompts_file import PromptFileError, parse_shard, read_prompts, shard_records
+from align_decode.commandline.results_file import ResultsFile
+from align_decode.commandline.methods import METHODS, check_applicable, get_method
 from align_decode.rewards import CallableReward, registry
 from cli_support import assert_one_line_error, cli_runner, invoke, read_lines, save_model, write_jsonl
 from cli_support import run_ok as cli_run_ok
@@ -143,7 +143,7 @@ def test_builtin_rewards_from_the_command_line(models, prompts, tmp_path):
 
 
 def test_reward_builders_parse_their_arguments():
-    from align_decode.io.prompts_file import PromptRecord
+    from align_decode.commandline.prompts_file import PromptRecord
 
     records = [PromptRecord(id=1, line=1, index=0, prompt="2+3?", meta={"answer": 5}),
                PromptRecord(id=2, line=2, index=1, prompt="10-4?", meta={"answer": "6"})]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from align_decode.rewards.value_training import save_value_model
+from align_decode.training.value import save_value_model
 from cli_support import invoke, save_model, write_jsonl
 from cli_support import run_ok as cli_run_ok
 from tiny import tiny_llama, tiny_tokenizer

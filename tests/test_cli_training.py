@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from align_decode.preferences import PreferenceSettings, pick_pair
+from align_decode.training.preferences import PreferenceSettings, pick_pair
 from align_decode.rewards.registry import build_reward
-from align_decode.rewards.value_training import load_value_model
+from align_decode.training.value import load_value_model
 from cli_support import assert_one_line_error as one_line_error
 from cli_support import invoke, read_lines, save_model, write_jsonl
 

@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from align_decode import AlignedModel, QValueModel, ScalarValueModel, TokenwiseCD
-from align_decode.rewards import CallableReward, PrefixRewardGuide
+from align_decode.decoding.guides import PrefixRewardGuide
+from align_decode.rewards import CallableReward
 from tiny import EOS, PAD, tiny_tokenizer
 from tiny import tiny_llama as _tiny_llama
 from tiny import tiny_llama64 as tiny_llama

@@ -4,7 +4,7 @@ import torch
 
 from align_decode import AlignedModel
 from align_decode.decoding import TokenStrategy
-from align_decode.rewards import TopKGuide
+from align_decode.decoding.guides import TopKGuide
 from tiny import tiny_llama64 as tiny_llama
 
 

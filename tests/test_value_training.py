@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from align_decode import AlignedModel, QValueModel, ScalarValueModel, TokenwiseCD
 from align_decode.rewards import CallableReward
-from align_decode.rewards.value_training import (
+from align_decode.training.value import (
     Rollouts,
     fudge_loss,
     group_rollouts,

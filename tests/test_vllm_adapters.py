@@ -23,8 +23,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from align_decode.decoding.vllm_plugin import config as plugin_config  # noqa: E402
-from align_decode.decoding.vllm_plugin.processor import GuidanceLogitsProcessor  # noqa: E402
+from align_decode.serving.vllm_plugin import config as plugin_config  # noqa: E402
+from align_decode.serving.vllm_plugin.processor import GuidanceLogitsProcessor  # noqa: E402
 
 from vllm_support import guide_scores, guides_env, load, save_models  # noqa: E402
 
@@ -99,7 +99,7 @@ def test_the_entry_point_loads_this_class_for_both_model_runners():
     from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
 
     names = {ep.name: ep.value for ep in entry_points(group="vllm.logits_processors")}
-    assert names.get("align_decode") == "align_decode.decoding.vllm_plugin.processor:GuidanceLogitsProcessor"
+    assert names.get("align_decode") == "align_decode.serving.vllm_plugin.processor:GuidanceLogitsProcessor"
     assert GuidanceLogitsProcessor in _load_logitsprocs_plugins()
     # V2's loader refuses V1-interface classes: this one implements both.
     assert GuidanceLogitsProcessor in _load_v2_logitsprocs_plugins()

@@ -25,8 +25,8 @@ import torch
 
 from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, TransferQ
 from align_decode.decoding import Policy, PromptBatch, decode, left_pad
-from align_decode.decoding.backends import Completion, EnginePolicy, SamplingBackend, Sampled, engine_generate
-from align_decode.decoding.backends.base import as_budgets, as_seeds
+from align_decode.serving.engines import Completion, EnginePolicy, SamplingBackend, Sampled, engine_generate
+from align_decode.decoding.engine import as_budgets, as_seeds
 from align_decode.decoding.vocab import output_width
 from align_decode.rewards import SequenceReward
 from cli_support import assert_one_line_error, invoke, run_ok, save_model, write_jsonl
@@ -162,7 +162,7 @@ def test_engine_generate_needs_only_the_backend(exact_model):
 
 def test_importing_align_decode_and_its_backends_does_not_import_vllm():
     # In a fresh interpreter: other tests in this process may have imported vLLM themselves.
-    code = ("import sys, align_decode, align_decode.cli, align_decode.runner, align_decode.decoding.backends; "
+    code = ("import sys, align_decode, align_decode.cli, align_decode.commandline.run, align_decode.serving.engines; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -212,7 +212,7 @@ def vllm_env():
 def engine(vllm_env, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from align_decode.decoding.backends import VLLMBackend
+    from align_decode.serving.engines import VLLMBackend
     from vllm_support import load, save_models
 
     path = save_models(tmp_path_factory.mktemp("vllm-backend"))["policy"]
@@ -315,7 +315,7 @@ VOCAB, CAP, PROMPT = 4, 3, [3, 2]
 def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
     """On an enumerable model (vocab 4, responses of at most 3 tokens), state 0 follows p and the long-run
     state frequencies follow p * exp(r / beta): vLLM's sampler has our law even where its draws differ."""
-    from align_decode.decoding.backends import VLLMBackend
+    from align_decode.serving.engines import VLLMBackend
 
     policy = tiny_llama(VOCAB, seed=51, init=0.1)
     policy.save_pretrained(tmp_path / "v4")

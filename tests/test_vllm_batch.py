@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from align_decode.decoding.prompts import left_pad
-from align_decode.decoding.vllm_plugin.bank import GuideBank, LoadedGuide
-from align_decode.decoding.vllm_plugin.batch import GuidedBatch
-from align_decode.decoding.vllm_plugin.config import GuideSpec, RequestGuidance
+from align_decode.serving.vllm_plugin.bank import GuideBank, LoadedGuide
+from align_decode.serving.vllm_plugin.batch import GuidedBatch
+from align_decode.serving.vllm_plugin.config import GuideSpec, RequestGuidance
 
 from tiny import tiny_llama
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from align_decode.decoding.vllm_plugin import config as cfg
-from align_decode.decoding.vllm_plugin.config import (
+from align_decode.serving.vllm_plugin import config as cfg
+from align_decode.serving.vllm_plugin.config import (
     GuidanceConfigError,
     GuideConfig,
     guide_config,
@@ -17,8 +17,8 @@ from align_decode.decoding.vllm_plugin.config import (
 
 def test_importing_align_decode_and_the_plugin_config_does_not_import_vllm():
     # In a fresh interpreter: other tests in this process may have imported vLLM themselves.
-    code = ("import sys, align_decode, align_decode.decoding, align_decode.decoding.vllm_plugin; "
-            "from align_decode.decoding.vllm_plugin import batch, bank, v1, v2; "
+    code = ("import sys, align_decode, align_decode.decoding, align_decode.serving.vllm_plugin; "
+            "from align_decode.serving.vllm_plugin import batch, bank, v1, v2; "
             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -203,7 +203,7 @@ def test_openai_server_requests_carry_guidance_as_a_json_string(setup):
     """`vllm_xargs` only holds flat values: the server form is a JSON string, accepted as is."""
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    from align_decode.decoding.vllm_plugin.processor import GuidanceLogitsProcessor
+    from align_decode.serving.vllm_plugin.processor import GuidanceLogitsProcessor
 
     llm, paths, refs = setup
     req = CompletionRequest(model="tiny", prompt="w1 w2", temperature=0,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.vllm
 def test_preempted_and_chunked_requests_keep_exact_guidance(tmp_path_factory, monkeypatch):
     from vllm import LLM
 
-    from align_decode.decoding.vllm_plugin.batch import GuidedBatch
+    from align_decode.serving.vllm_plugin.batch import GuidedBatch
 
     paths = save_models(tmp_path_factory.mktemp("vllm-models"))
     engine_env(monkeypatch, paths)

@@ -1,37 +1,28 @@
-"""The decoding loop, the strategies and the Hugging Face drop-in wrapper."""
+"""The decoding core: the loop, model sessions, settings, the strategies, the token-level guides
+(`decoding.guides`) and the Hugging Face drop-in wrapper."""
 
-from .aligned_model import AlignedGenerateOutput, AlignedModel
-from .best_of_n import BestOfN
-from .genarm import GenARM
-from .loop import Decoded, decode
-from .prompts import PromptBatch, left_pad
-from .qalign import QAlign
-from .session import ModelSession
-from .settings import GenerationSettings
-from .strategy import Policy, Sample, Strategy, TokenStrategy
-from .transfer_q import TransferQ
+from .._lazy import lazy_exports
 
-__all__ = [
-    "AlignedModel",
-    "AlignedGenerateOutput",
-    "BestOfN",
-    "GenARM",
-    "QAlign",
-    "Decoded",
-    "decode",
-    "PromptBatch",
-    "left_pad",
-    "ModelSession",
-    "GenerationSettings",
-    "Policy",
-    "Sample",
-    "Strategy",
-    "TokenStrategy",
-    "TransferQ",
-]
-
-from .args import ARGS  # noqa: E402
-from .blockwise import BlockwiseCD  # noqa: E402
-from .controlled import TokenwiseCD  # noqa: E402
-
-__all__ += ["ARGS", "BlockwiseCD", "TokenwiseCD"]
+_EXPORTS = {
+    "ARGS": ".reward_guided_search",
+    "AlignedGenerateOutput": ".aligned_model",
+    "AlignedModel": ".aligned_model",
+    "BestOfN": ".best_of_n",
+    "BlockwiseCD": ".blockwise",
+    "Decoded": ".loop",
+    "GenARM": ".genarm",
+    "GenerationSettings": ".settings",
+    "ModelSession": ".session",
+    "Policy": ".strategy",
+    "PromptBatch": ".prompts",
+    "QAlign": ".qalign",
+    "Sample": ".strategy",
+    "Strategy": ".strategy",
+    "TokenStrategy": ".strategy",
+    "TokenwiseCD": ".controlled",
+    "TransferQ": ".transfer_q",
+    "decode": ".loop",
+    "left_pad": ".prompts",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

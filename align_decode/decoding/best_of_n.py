@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .backends.base import SamplingBackend
+from .engine import SamplingBackend
 from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
 from .loop import Decoded
 from .prompts import PromptBatch

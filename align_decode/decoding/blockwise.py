@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import derive_seeds
-from ..rewards.value_models import with_policy_tokenizer
+from .guides.value import with_policy_tokenizer
 from .candidates import score_completions
 from .loop import Decoded, decode
 from .prompts import PromptBatch

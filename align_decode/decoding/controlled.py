@@ -21,7 +21,7 @@ import copy
 import math
 from typing import Sequence
 
-from ..rewards.value_models import with_policy_tokenizer
+from .guides.value import with_policy_tokenizer
 from .settings import GenerationSettings
 from .strategy import TokenStrategy
 

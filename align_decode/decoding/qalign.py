@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from ..kernels import derive_seeds, row_uniform
-from .backends.base import SamplingBackend
+from .engine import SamplingBackend
 from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode

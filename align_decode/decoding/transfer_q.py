@@ -35,9 +35,9 @@ from typing import Sequence
 import torch
 
 from ..kernels import SamplingRows, derive_seeds
-from ..rewards.guides import LMGuide
-from ..rewards.topk_guides import TopKGuide, TopKGuideState
-from .backends.base import SamplingBackend
+from .guides.lm import LMGuide
+from .guides.topk import TopKGuide, TopKGuideState
+from .engine import SamplingBackend
 from .candidates import score_completions
 from .loop import Decoded, decode
 from .prompts import PromptBatch

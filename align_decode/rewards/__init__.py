@@ -1,32 +1,29 @@
-"""Rewards: sequence-level rewards, token-level guides and their trainers."""
+"""Sequence rewards: r(prompt, completion) for best-of-N, QAlign, blockwise controlled decoding,
+Transfer Q* and the training data of the guides; `registry` names them for the command line."""
 
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "ARM": ".guides",
     "CallableReward": ".function",
     "Clamp": ".combine",
     "ClassifierReward": ".classifier",
     "ExactMatchReward": ".answers",
     "KeywordReward": ".constraints",
-    "LMGuide": ".guides",
     "LengthReward": ".constraints",
     "LogSigmoidTransform": ".combine",
     "NonToxicityReward": ".offline",
-    "PrefixRewardGuide": ".value_models",
-    "PromptedARM": ".guides",
-    "QValueModel": ".value_models",
     "RegexReward": ".constraints",
-    "ScalarValueModel": ".value_models",
     "SentimentReward": ".offline",
     "SequenceReward": ".base",
-    "TopKGuide": ".topk_guides",
-    "TopKGuideState": ".topk_guides",
     "WeightedSum": ".combine",
     "answers_match": ".answers",
     "extract_answer": ".answers",
-    "load_value_model": ".value_training",
-    "train_cd_fudge": ".value_training",
+}
+# Token-level guides and trainers lived here before the guides moved next to the loop.
+_MOVED = {
+    **dict.fromkeys(["ARM", "LMGuide", "PrefixRewardGuide", "PromptedARM", "QValueModel", "ScalarValueModel",
+                     "TopKGuide", "TopKGuideState"], "align_decode.decoding.guides"),
+    **dict.fromkeys(["load_value_model", "train_cd_fudge"], "align_decode.training"),
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, moved=_MOVED)

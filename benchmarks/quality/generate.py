@@ -21,7 +21,7 @@ import torch
 from align_decode.decoding import GenerationSettings, Policy, PromptBatch, left_pad
 from align_decode.decoding.candidates import completion_ids, sample_candidates, score_completions
 from align_decode.decoding.strategy import Sample
-from align_decode.runner import encode_prompt, prompt_seed
+from align_decode.commandline.run import encode_prompt, prompt_seed
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Training the benchmark's guides on a task's train split: an ARM (GenARM) and a CD-FUDGE value model.
 
 One pool of K policy samples per train prompt, scored by the task's reward, feeds both: its best and
-worst samples make the preference pairs (`align_decode.preferences`, as `align-decode make-preferences`
+worst samples make the preference pairs (`align_decode.training.preferences`, as `align-decode make-preferences`
 does) and all of its samples are the value model's rollouts (as `align-decode train-value` does). The
 ARM is LoRA on SmolLM2 merged into a plain folder (`train_arm` / `save_arm`, as `align-decode
 train-arm`); the value model is a scalar prefix scorer on SmolLM2's first layers. A task with a second
@@ -18,11 +18,11 @@ import torch
 
 from align_decode.decoding import Policy
 from align_decode.models import load_model
-from align_decode.preferences import PreferenceSettings, PromptSamples, pick_pair, sample_preferences
-from align_decode.rewards.arm_training import ARMTrainingConfig, save_arm, train_arm
-from align_decode.rewards.arm_training import truncate_layers
-from align_decode.rewards.value_training import Rollouts, new_value_model, save_value_model, train_value_model
-from align_decode.runner import encode_prompt, prompt_seed
+from align_decode.training.preferences import PreferenceSettings, PromptSamples, pick_pair, sample_preferences
+from align_decode.training.arm import ARMTrainingConfig, save_arm, train_arm
+from align_decode.training.arm import truncate_layers
+from align_decode.training.value import Rollouts, new_value_model, save_value_model, train_value_model
+from align_decode.commandline.run import encode_prompt, prompt_seed
 
 from .scales import ARM_SETTINGS, VALUE_SETTINGS, Scale
 from .tasks import Task

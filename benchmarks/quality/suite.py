@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from align_decode import ARGS, GenARM, Sample, TokenwiseCD, TransferQ
 from align_decode.models import load_model
-from align_decode.rewards import ARM, PromptedARM, load_value_model
+from align_decode.decoding.guides import ARM, PromptedARM
+from align_decode.training import load_value_model
 
 from .evaluate import complete, summary_row
 from .generate import EvalContext, run_best_of_n, run_qalign, run_token_method

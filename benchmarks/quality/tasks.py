@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from align_decode.io.prompts_file import PromptRecord, read_prompts
+from align_decode.commandline.prompts_file import PromptRecord, read_prompts
 from align_decode.rewards import SequenceReward
 from align_decode.rewards.registry import build_reward
 

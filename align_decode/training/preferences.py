@@ -22,10 +22,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .decoding.candidates import completion_ids, sample_candidates, score_completions
-from .decoding.prompts import PromptBatch, left_pad
-from .decoding.settings import GenerationSettings
-from .decoding.strategy import Policy, Sample
+from ..decoding.candidates import completion_ids, sample_candidates, score_completions
+from ..decoding.prompts import PromptBatch, left_pad
+from ..decoding.settings import GenerationSettings
+from ..decoding.strategy import Policy, Sample
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..prompts import left_pad
+from ...decoding.prompts import left_pad
 from .batch import GuidedBatch, GuidedRequest, upload
 from .config import RequestGuidance
 

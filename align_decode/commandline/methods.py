@@ -11,7 +11,7 @@ Adding a method:
     register_option(MethodOption("lookahead", "tokens of each rollout [default: 8]", type=int))
 
     def _build_tqstar(options, ctx):
-        from .decoding.tqstar import TransferQStar
+        from ..decoding.tqstar import TransferQStar
         lookahead = 8 if options["lookahead"] is None else options["lookahead"]
         return TransferQStar(reward=ctx.reward, lookahead=lookahead)
 
@@ -98,7 +98,7 @@ class BuildContext:
 
     def load(self, name_or_path) -> tuple[Any, Any]:
         """(model, tokenizer) of a local model folder; the policy's own folder gives the policy."""
-        from .models import load_model, resolve_model_path
+        from ..models import load_model, resolve_model_path
 
         path = resolve_model_path(name_or_path).resolve()
         if path == self.policy_path.resolve():
@@ -112,11 +112,11 @@ class BuildContext:
         folder; None with --backend hf."""
         if self.backend == "hf":
             return None
-        from .models import resolve_model_path
+        from ..models import resolve_model_path
 
         path = (self.policy_path if name_or_path is None else resolve_model_path(name_or_path)).resolve()
         if path not in self._engines:
-            from .decoding.backends import VLLMBackend
+            from ..serving.engines import VLLMBackend
 
             self._engines[path] = VLLMBackend(path, **self.engine_options)
         return self._engines[path]
@@ -139,7 +139,7 @@ class PromptOutput:
 
 def rows_layout(decoded, prompts: int) -> list[PromptOutput]:
     """n rows per prompt, prompt-major (as num_return_sequences lays them out); the first is the answer."""
-    from .decoding.candidates import completion_ids
+    from ..decoding.candidates import completion_ids
 
     rows = int(decoded.tokens.shape[0])
     if prompts < 1 or rows % prompts:
@@ -254,14 +254,14 @@ register_option(MethodOption("length_cap", "what --max-new-tokens caps: the whol
 
 # --------------------------------------------------------------------------------------- methods
 def _build_sample(options: dict, ctx: BuildContext):
-    from .decoding import Sample
+    from ..decoding import Sample
 
     return Sample()
 
 
 def _build_genarm(options: dict, ctx: BuildContext):
-    from .decoding import GenARM
-    from .rewards import ARM, PromptedARM
+    from ..decoding import GenARM
+    from ..decoding.guides import ARM, PromptedARM
 
     instruction = options["arm_prompt"]
     if options["arm"]:
@@ -291,13 +291,13 @@ def _build_genarm(options: dict, ctx: BuildContext):
 def _extractor(options: dict):
     from functools import partial
 
-    from .rewards import extract_answer
+    from ..rewards import extract_answer
 
     return partial(extract_answer, kind=options["answer_kind"] or "number")
 
 
 def _build_best_of_n(options: dict, ctx: BuildContext):
-    from .decoding import BestOfN
+    from ..decoding import BestOfN
 
     aggregate = options["aggregate"] or "best"
     if ctx.reward is None and aggregate != "majority":
@@ -317,7 +317,7 @@ def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
 
 
 def _build_qalign(options: dict, ctx: BuildContext):
-    from .decoding import QAlign
+    from ..decoding import QAlign
 
     answer = options["chain_answer"] or "last"
     chains = ctx.n if options["chains"] is None else options["chains"]
@@ -396,8 +396,8 @@ register_option(MethodOption("stop_at_eos", "false: ARGS writes --max-new-tokens
 def _value_models(options: dict, ctx: BuildContext, k: int) -> list:
     import torch
 
-    from .models import resolve_model_path
-    from .rewards.value_training import load_value_model
+    from ..models import resolve_model_path
+    from ..training.value import load_value_model
 
     models = []
     for path in options["value_model"]:
@@ -411,8 +411,8 @@ def _value_models(options: dict, ctx: BuildContext, k: int) -> list:
 
 
 def _build_cd_tokenwise(options: dict, ctx: BuildContext):
-    from .decoding import TokenwiseCD
-    from .rewards import PrefixRewardGuide
+    from ..decoding import TokenwiseCD
+    from ..decoding.guides import PrefixRewardGuide
 
     k = 10 if options["candidate_tokens"] is None else options["candidate_tokens"]
     models = _value_models(options, ctx, k)
@@ -427,7 +427,7 @@ def _build_cd_tokenwise(options: dict, ctx: BuildContext):
 
 
 def _build_cd_blockwise(options: dict, ctx: BuildContext):
-    from .decoding import BlockwiseCD
+    from ..decoding import BlockwiseCD
 
     models = _value_models(options, ctx, 10)
     if len(models) > 1:
@@ -441,7 +441,7 @@ def _build_cd_blockwise(options: dict, ctx: BuildContext):
 
 
 def _build_args(options: dict, ctx: BuildContext):
-    from .decoding import ARGS
+    from ..decoding import ARGS
 
     k = 10 if options["candidate_tokens"] is None else options["candidate_tokens"]
     weight = 1.5 if options["reward_weight"] is None else options["reward_weight"]
@@ -501,7 +501,7 @@ _option(MethodOption("prior", "the prior term and candidate source: the policy (
 
 
 def _build_transfer_q(options: dict, ctx: BuildContext):
-    from .decoding import TransferQ
+    from ..decoding import TransferQ
 
     if ctx.reward is None:
         raise ValueError("transfer_q needs a target reward: pass --reward NAME")

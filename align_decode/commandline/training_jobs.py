@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .io.prompts_file import FORMATS, read_prompts
-from .io.results import ResultsFile
-from .preferences import PreferenceSettings, sample_preferences
-from .rewards.arm_training import ARMTrainingConfig
+from .prompts_file import FORMATS, read_prompts
+from .results_file import ResultsFile
+from ..training.preferences import PreferenceSettings, sample_preferences
+from ..training.arm import ARMTrainingConfig
 
 Note = Callable[[str], None]
 
@@ -60,7 +60,7 @@ def check_new_folder(out, what: str) -> Path:
 
 
 def _one_reward(spec: str | None, tokenizer, records, device: str):
-    from .rewards.registry import NONE, RewardContext, build_reward, check_spec
+    from ..rewards.registry import NONE, RewardContext, build_reward, check_spec
 
     if not spec or spec == NONE:
         raise ValueError("--reward is required: the reward to prefer high-scoring responses by (see `align-decode rewards`)")
@@ -71,7 +71,7 @@ def _one_reward(spec: str | None, tokenizer, records, device: str):
 
 
 def _encode_all(records, tokenizer, chat_template: bool, source) -> list[list[int]]:
-    from .runner import encode_prompt
+    from .run import encode_prompt
 
     return [encode_prompt(r, tokenizer, chat_template, source) for r in records]
 
@@ -100,9 +100,9 @@ def make_preferences(job: PreferenceJob, note: Note = _quiet, progress=None) -> 
     """Run make-preferences; returns the summary (prompts, pairs, skipped, rewards, seconds)."""
     import torch
 
-    from .decoding import Policy
-    from .models import load_model, resolve_model_path
-    from .runner import prompt_seed
+    from ..decoding import Policy
+    from ..models import load_model, resolve_model_path
+    from .run import prompt_seed
 
     records = read_prompts(job.prompts, job.prompt_format)
     _one_reward(job.reward, None, records, "cpu")  # the spec's syntax, before anything loads
@@ -163,8 +163,8 @@ class ARMJob:
 
 def train_arm_job(job: ARMJob, note: Note = _quiet) -> dict:
     """Run train-arm: load the pairs and the policy, train, save the ARM folder; returns the metrics."""
-    from .models import load_model, resolve_model_path
-    from .rewards.arm_training import load_preferences, save_arm, train_arm, truncate_layers
+    from ..models import load_model, resolve_model_path
+    from ..training.arm import load_preferences, save_arm, train_arm, truncate_layers
 
     records = load_preferences(job.preferences)
     out = check_new_folder(job.out, "ARM")
@@ -215,7 +215,7 @@ class ValueSettings:
     seed: int = 0
 
     def __post_init__(self):
-        from .rewards.value_training import KINDS
+        from ..training.value import KINDS
 
         if self.kind not in KINDS:
             raise ValueError(f"--kind must be one of {KINDS}, got {self.kind!r}")
@@ -254,9 +254,9 @@ def train_value_job(job: ValueJob, note: Note = _quiet) -> dict:
     """Run train-value (CD-FUDGE): sample and score rollouts, regress a value model on them, save it."""
     import torch
 
-    from .models import load_model, resolve_model_path
-    from .rewards.arm_training import truncate_layers
-    from .rewards.value_training import new_value_model, sample_rollouts, save_value_model, train_value_model
+    from ..models import load_model, resolve_model_path
+    from ..training.arm import truncate_layers
+    from ..training.value import new_value_model, sample_rollouts, save_value_model, train_value_model
 
     s = job.settings
     records = read_prompts(job.prompts, job.prompt_format)

@@ -22,8 +22,8 @@ import copy
 from dataclasses import replace
 from typing import Sequence
 
-from ..rewards.topk_guides import TopKGuide
-from ..rewards.value_models import PrefixRewardGuide, ScalarValueModel, with_policy_tokenizer
+from .guides.topk import TopKGuide
+from .guides.value import PrefixRewardGuide, ScalarValueModel, with_policy_tokenizer
 from .controlled import check_weight
 from .settings import GenerationSettings
 from .strategy import TokenStrategy

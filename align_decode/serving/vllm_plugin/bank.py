@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ..session import ModelSession
-from ..vocab import shared_width
+from ...decoding.session import ModelSession
+from ...decoding.vocab import shared_width
 from .config import GuideConfig, GuideSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

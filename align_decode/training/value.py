@@ -38,7 +38,7 @@ from ..decoding.prompts import PromptBatch, left_pad
 from ..decoding.settings import GenerationSettings
 from ..decoding.strategy import Policy, Sample
 from ..kernels import derive_seeds
-from .value_models import QValueModel, ScalarValueModel, _PerPositionValues
+from ..decoding.guides.value import QValueModel, ScalarValueModel, _PerPositionValues
 
 KINDS = ("q", "scalar")
 VALUE_CONFIG = "value_model.json"

@@ -45,8 +45,8 @@ from typing import Sequence
 
 import torch
 
-from ..settings import GenerationSettings, validate_ids
-from .base import Completion, SamplingBackend, Sampled, as_budgets, as_seeds
+from ...decoding.settings import GenerationSettings, validate_ids
+from ...decoding.engine import Completion, SamplingBackend, Sampled, as_budgets, as_seeds
 
 # vLLM seeds are signed 64-bit and the j-th of n draws uses seed + j: keep seeds below 2^62 so that
 # never overflows.

@@ -60,7 +60,7 @@ Importing `align_decode` never imports vLLM; only `processor` (the entry point's
 
 from .config import ENV_VAR, REQUEST_KEY, GuideConfig, GuideSpec, RequestGuidance, guide_config, parse_request
 
-ENTRY_POINT = "align_decode.decoding.vllm_plugin.processor:GuidanceLogitsProcessor"
+ENTRY_POINT = "align_decode.serving.vllm_plugin.processor:GuidanceLogitsProcessor"
 
 __all__ = [
     "ENV_VAR",

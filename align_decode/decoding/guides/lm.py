@@ -16,9 +16,9 @@ from typing import Callable
 
 import torch
 
-from ..decoding.prompts import PromptBatch, left_pad
-from ..decoding.session import ModelSession
-from ..decoding.vocab import shared_width
+from ..prompts import PromptBatch, left_pad
+from ..session import ModelSession
+from ..vocab import shared_width
 
 
 class LMGuideState:

@@ -20,11 +20,11 @@ from typing import Sequence
 
 import torch
 
-from ..loop import Decoded
-from ..prompts import PromptBatch, left_pad
-from ..settings import GenerationSettings
-from ..strategy import Policy, Strategy
-from .base import SamplingBackend
+from ...decoding.loop import Decoded
+from ...decoding.prompts import PromptBatch, left_pad
+from ...decoding.settings import GenerationSettings
+from ...decoding.strategy import Policy, Strategy
+from ...decoding.engine import SamplingBackend
 
 
 class EngineModel:

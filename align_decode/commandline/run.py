@@ -20,11 +20,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .io.console import Console
-from .io.prompts_file import FORMATS, PromptFileError, PromptRecord, parse_shard, read_prompts, shard_records
-from .io.results import ResultsFile, encode_line
+from .console import Console
+from .prompts_file import FORMATS, PromptFileError, PromptRecord, parse_shard, read_prompts, shard_records
+from .results_file import ResultsFile, encode_line
 from .methods import BACKENDS, DEFAULT_METHOD, BuildContext, check_applicable, check_backend, get_method
-from .rewards.registry import RewardContext, build_rewards, check_specs
+from ..rewards.registry import RewardContext, build_rewards, check_specs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # RunConfig fields that become vllm.LLM keyword arguments (under the same names) with --backend vllm.
@@ -172,7 +172,7 @@ class Summary:
 
 def prompt_seed(run_seed: int, key: str) -> int:
     """A prompt's seed: a pure function of the run's seed and the prompt's id."""
-    from .kernels import derive_seeds
+    from ..kernels import derive_seeds
 
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     index = int.from_bytes(digest[:8], "little") >> 1  # keep it a non-negative int64
@@ -266,7 +266,7 @@ class Run:
         if config.backend == "vllm":
             import importlib.util
 
-            from .decoding.backends.vllm_backend import INSTALL_HINT
+            from ..serving.engines.vllm_engine import INSTALL_HINT
 
             if importlib.util.find_spec("vllm") is None:  # found without importing it
                 raise ValueError(f"--backend vllm needs vLLM, which is not installed: {INSTALL_HINT}")
@@ -316,8 +316,8 @@ class Run:
 
     # ------------------------------------------------------------------------------------ loading
     def _load(self, pending: list[PromptRecord]) -> None:
-        from .decoding import GenerationSettings, Policy
-        from .models import list_local_models, load_model, resolve_model_path
+        from ..decoding import GenerationSettings, Policy
+        from ..models import list_local_models, load_model, resolve_model_path
 
         config, console = self.config, self.console
         device, dtype = _resolve_device(config.device, config.dtype)
@@ -325,7 +325,7 @@ class Run:
             console.note("converting the bundled default model once (about half a minute)")
         path = resolve_model_path(config.model)
         if config.backend != "hf" and self.method.engine_only:
-            from .decoding.backends import EnginePolicy
+            from ..serving.engines import EnginePolicy
 
             # Every policy forward pass runs in the engine: only the tokenizer and configs load here.
             console.note(f"starting {config.backend} on {path} ({dtype})")
@@ -417,7 +417,7 @@ class Run:
     def _run_batch(self, records: list[PromptRecord], encoded: list[list[int]]) -> list[dict]:
         import torch
 
-        from .decoding import PromptBatch, left_pad
+        from ..decoding import PromptBatch, left_pad
 
         seeds = [prompt_seed(self.config.seed, r.key) for r in records]
         ids, mask = left_pad(encoded, self.settings.pad_id, device=self.policy.device)

@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from ..loop import Decoded
-from ..settings import GenerationSettings
+from .loop import Decoded
+from .settings import GenerationSettings
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from typing import Sequence
 
 import torch
 
-from ..decoding.candidates import score_completions
-from ..decoding.prompts import PromptBatch, left_pad
-from ..decoding.session import ModelSession
-from ..decoding.vocab import shared_width
-from ..transformers_compat import forward_with_cache
-from .guides import LMGuide, LMGuideState
-from .topk_guides import TopKGuide, TopKGuideState
+from ..candidates import score_completions
+from ..prompts import PromptBatch, left_pad
+from ..session import ModelSession
+from ..vocab import shared_width
+from ...transformers_compat import forward_with_cache
+from .lm import LMGuide, LMGuideState
+from .topk import TopKGuide, TopKGuideState
 
 
 def check_values(values: torch.Tensor, name: str) -> torch.Tensor:
@@ -69,7 +69,7 @@ class QValueModel(LMGuide):
 
     Mixed with weight lambda it turns the policy into  pi(z | .) ∝ p(z | .)^(1/T) * exp(lambda * Q(., z)),
     all next tokens at once, one forward per token with its own KV cache. Train one with
-    `align_decode.rewards.train_cd_fudge` (CD-FUDGE) and load it back with `load_value_model`.
+    `align_decode.training.train_cd_fudge` (CD-FUDGE) and load it back with `load_value_model`.
 
     Args:
         model: a transformers causal LM over the policy's vocabulary (any size).

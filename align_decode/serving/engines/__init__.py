@@ -15,9 +15,9 @@ parallelism then carry it across GPUs and nodes:
 Importing this package never imports vLLM; building a `VLLMBackend` does.
 """
 
-from .base import Completion, SamplingBackend, Sampled
+from ...decoding.engine import Completion, SamplingBackend, Sampled
 from .engine_policy import EngineModel, EnginePolicy, engine_generate
-from .vllm_backend import VLLMBackend, engine_seed
+from .vllm_engine import VLLMBackend, engine_seed
 
 __all__ = [
     "Completion",

@@ -34,7 +34,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-from ..session import ModelSession
+from ...decoding.session import ModelSession
 from .bank import GuideBank, LoadedGuide
 from .config import RequestGuidance
 

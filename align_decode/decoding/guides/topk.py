@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..decoding.prompts import PromptBatch
+from ..prompts import PromptBatch
 
 
 class TopKGuideState:
@@ -77,7 +77,7 @@ class TopKGuide(ABC):
         self.k = k
 
     def width_for(self, policy_model, policy_tokenizer) -> int:
-        from ..decoding.vocab import output_width
+        from ..vocab import output_width
 
         width = output_width(policy_model)
         if policy_tokenizer is not None:
