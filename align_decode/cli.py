@@ -34,7 +34,6 @@ On vLLM's CPU build, VLLM_ENABLE_V1_MULTIPROCESSING=0 starts the engine in secon
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import sys
 import warnings
@@ -43,14 +42,16 @@ import click
 
 from .commandline.config_file import apply_config
 from .commandline.console import Console
+from .commandline.methods import click_options, describe_methods, method_flags
 from .commandline.prompts_file import FORMATS
 from .commandline.results_file import encode_line
-from .commandline.methods import BACKENDS, DEFAULT_METHOD, METHOD_OPTIONS, METHODS
-from .commandline.run import DTYPES, RunConfig, RunFailure, Terminated, run
+from .commandline.run import RunConfig, RunFailure, Terminated, Run
+from .errors import AlignDecodeWarning
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 # The exceptions the package raises for bad input or options (PromptFileError is a ValueError).
 _INPUT_ERRORS = (ValueError, FileNotFoundError, TypeError)
+_SHORT_FLAGS = {"n": "-n"}
 
 
 def _error(message: str) -> None:
@@ -79,83 +80,70 @@ def cli():
     """Inference-time alignment decoding over prompt files."""
 
 
-def _method_options(command):
-    # Declared in the method registry, so a new method's flags appear here without touching this file.
-    for option in reversed(list(METHOD_OPTIONS.values())):
-        used_by = sorted(m.name for m in METHODS.values() if option.name in m.options)
-        command = option.click_option(used_by)(command)
+def _apply(command, options):
+    for option in reversed(options):
+        command = option(command)
     return command
+
+
+def _run_options(command):
+    """The run command's flags, made from RunConfig's declarations."""
+    options = []
+    for spec in RunConfig.specs():
+        if not spec.cli:
+            continue
+        names = [spec.flag, *([_SHORT_FLAGS[spec.name]] if spec.name in _SHORT_FLAGS else []), spec.name]
+        if spec.kind == "bool" and spec.default is False:
+            options.append(click.option(*names, is_flag=True, help=spec.help))
+            continue
+        type_ = click.Choice(list(spec.choices)) if spec.choices else {"int": int, "float": float}.get(spec.kind, str)
+        shown = spec.default not in (None, ())
+        options.append(click.option(*names, type=type_, multiple=spec.multiple, metavar=spec.metavar,
+                                    default=() if spec.multiple else spec.default, show_default=shown,
+                                    help=spec.help))
+    return _apply(command, options)
+
+
+def _console_options(command, what: str = "progress, notes or summary"):
+    return _apply(command, [
+        click.option("--quiet", "-q", is_flag=True, help=f"no {what} on stderr (align-decode's warnings stay)"),
+        click.option("--verbose", "-v", is_flag=True, help="also show the libraries' own warnings and logs "
+                     "(transformers, torch, vLLM)"),
+        click.option("--json-summary", is_flag=True, help="print the closing summary as one JSON object on stdout"),
+        click.option("--debug", is_flag=True, help="show tracebacks (implies --verbose)"),
+    ])
 
 
 @cli.command("run", epilog=(
     "Every option can also be set in --config FILE (TOML or YAML, keys are the long option names); "
     "flags on the command line win. See `align-decode methods` for each method's options and "
-    "`align-decode rewards` for reward names."
+    "`align-decode rewards` for reward names. The --out file and its folder are created with the first "
+    "result; a run that fails before it leaves nothing behind."
 ))
-@click.option("--prompts", metavar="FILE", help="JSONL ({id, prompt} or {id, messages}) or text, one prompt per line")
-@click.option("--out", metavar="FILE", help="output JSONL, one line per prompt, appended as each finishes")
-@click.option("--method", default=DEFAULT_METHOD, show_default=True, help=f"one of: {', '.join(sorted(METHODS))}")
-@click.option("--model", metavar="DIR", help="policy model folder [default: the bundled SmolLM2-135M-Instruct]")
-@click.option("--reward", multiple=True, metavar="SPEC",
-              help="NAME[:ARGS], module:function, file.py:function or none; repeatable "
-              "[default: sentiment when available]")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="run seed; each prompt's seed derives from it and the prompt's id")
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="0 means greedy")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 turns it off")
-@click.option("--min-p", type=float, default=0.0, show_default=True)
-@click.option("--max-new-tokens", type=int, default=48, show_default=True)
-@click.option("--n", "-n", "n", type=int, default=1, show_default=True, help="completions per prompt")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="prompts decoded together")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-              help="auto: float32 on CPU, bfloat16 on GPU")
-@click.option("--backend", type=click.Choice(BACKENDS), default="hf", show_default=True,
-              help="where sampling runs: in process (transformers), or a vLLM engine [vllm: best_of_n, qalign, "
-              "transfer_q's rollouts]")
-@click.option("--tensor-parallel-size", type=int, default=None, metavar="N",
-              help="vLLM: GPUs that split every layer of the model [default: 1]")
-@click.option("--pipeline-parallel-size", type=int, default=None, metavar="N",
-              help="vLLM: pipeline stages of layers (across nodes with Ray) [default: 1]")
-@click.option("--gpu-memory-utilization", type=float, default=None, metavar="F",
-              help="vLLM: share of each GPU's memory the engine may take [default: vLLM's, 0.9]")
-@click.option("--max-model-len", type=int, default=None, metavar="N",
-              help="vLLM: most prompt + response tokens per sequence [default: the model's context length]")
-@click.option("--enforce-eager", is_flag=True,
-              help="vLLM: no torch.compile / CUDA graphs: starts in seconds and takes less memory, decodes slower")
-@click.option("--no-chat-template", is_flag=True,
-              help="feed prompts as plain text even when the model has a chat template")
-@click.option("--prompt-format", type=click.Choice(FORMATS), default="auto", show_default=True,
-              help="auto: by file suffix, else JSONL when the first line is an object")
-@click.option("--resume", is_flag=True, help="continue an existing output, skipping the ids already in it")
-@click.option("--skip-bad-lines", is_flag=True, help="warn about malformed prompt lines and go on")
-@click.option("--shard", metavar="I/N", help="run only every N-th prompt starting at I (0 <= I < N)")
+@_run_options
 @click.option("--config", metavar="FILE", help="TOML or YAML file of options")
-@click.option("--quiet", "-q", is_flag=True, help="no progress bar, notes or summary on stderr (warnings stay)")
-@click.option("--json-summary", is_flag=True, help="print the closing summary as one JSON object on stdout")
-@click.option("--debug", is_flag=True, help="show tracebacks and library logs")
-@_method_options
+@_console_options
+@lambda command: _apply(command, click_options())
 @click.pass_context
 def run_command(ctx: click.Context, **_):
     """Run a decoding method over a prompt file, writing one JSON line per prompt."""
-    debug = ctx.params["debug"]
-    console = Console(quiet=ctx.params["quiet"])
+    p = ctx.params
+    debug = p["debug"]
     try:
-        given = apply_config(ctx, ctx.params["config"])
-        p = ctx.params
+        given = apply_config(ctx, p["config"])
         debug = p["debug"]  # the config may set it too
         console = Console(quiet=p["quiet"])
-        shared = {f.name for f in dataclasses.fields(RunConfig)} & set(p)  # options named as RunConfig fields
         config = RunConfig(
-            **{name: p[name] for name in shared},
-            method_options={name: p[name] for name in METHOD_OPTIONS},
-            rewards=tuple(p["reward"]),
-            chat_template=not p["no_chat_template"],
+            **{spec.name: p[spec.name] for spec in RunConfig.specs() if spec.cli},
+            method_values={name: p[name] for name in method_flags()},
             given=given,
         )
-        with _library_output(console, debug):
-            summary = run(config, console)
+        job = Run(config, console)  # every check: nothing heavy is imported before this passes
+        try:
+            with _library_output(console, verbose=p["verbose"] or debug):
+                summary = job.generate()
+        finally:
+            job.close()
     except KeyboardInterrupt:
         ctx.exit(130)
     except Terminated:
@@ -178,16 +166,22 @@ def run_command(ctx: click.Context, **_):
 
 
 @contextlib.contextmanager
-def _library_output(console: Console, debug: bool):
-    """Python warnings as one-line console warnings; transformers' info logs off unless --debug."""
+def _library_output(console: Console, verbose: bool):
+    """align-decode's own warnings as one-line console warnings; the libraries' warnings and logs
+    (transformers, torch, ...) only with --verbose: they are not the user's business otherwise."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+    def show(message, category, *args, **kwargs):
+        if verbose or issubclass(category, AlignDecodeWarning):
+            console.warn(str(message))
+
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *args, **kwargs: console.warn(str(message))
-        if not debug:
+        warnings.showwarning = show
+        if not verbose:
             hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()  # the weight-loading bar would fight with ours
+        hf_logging.disable_progress_bar()  # the weight-loading bar would fight with ours
         try:
             yield
         finally:
@@ -223,13 +217,8 @@ def models_command(as_json: bool):
 @cli.command("methods")
 def methods_command():
     """List the decoding methods and the options each one takes."""
-    for name in sorted(METHODS):
-        method = METHODS[name]
-        default = " (default)" if name == DEFAULT_METHOD else ""
-        click.echo(f"{name}{default}: {method.summary}")
-        for option_name in method.options:
-            option = METHOD_OPTIONS[option_name]
-            click.echo(f"    {option.flag}{' (repeatable)' if option.multiple else ''}: {option.help}")
+    for line in describe_methods():
+        click.echo(line)
 
 
 @cli.command("rewards")
@@ -258,7 +247,7 @@ def _run_job(ctx: click.Context, job, summary=None):
         from .commandline.training_jobs import set_threads
 
         set_threads(p["threads"])
-        with _library_output(console, p["debug"]):
+        with _library_output(console, verbose=p["verbose"] or p["debug"]):
             result = job(console)
     except KeyboardInterrupt:
         ctx.exit(130)
@@ -277,17 +266,13 @@ def _run_job(ctx: click.Context, job, summary=None):
 
 
 def _common_training_options(command):
-    for option in reversed([
+    command = _console_options(command, what="notes or summary")
+    return _apply(command, [
         click.option("--model", metavar="DIR", help="policy model folder [default: the bundled SmolLM2-135M-Instruct]"),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, ... (auto: cuda when available)"),
         click.option("--threads", type=int, default=None,
                      help="torch threads (on a shared machine, at most the free cores) [default: torch's]"),
-        click.option("--quiet", "-q", is_flag=True, help="no notes or summary on stderr (warnings stay)"),
-        click.option("--json-summary", is_flag=True, help="print the summary as one JSON object on stdout"),
-        click.option("--debug", is_flag=True, help="show tracebacks and library logs"),
-    ]):
-        command = option(command)
-    return command
+    ])
 
 
 def _prompt_options(command):

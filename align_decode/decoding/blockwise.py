@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 
 from ..kernels import derive_seeds
-from .guides.value import with_policy_tokenizer
 from .candidates import score_completions
+from .guides.base import GuideContext
 from .loop import Decoded, decode
+from .options import BlockwiseCDOptions
 from .prompts import PromptBatch
 from .settings import GenerationSettings, validate_ids
 from .strategy import Strategy, TokenStrategy
@@ -54,6 +55,7 @@ class BlockwiseCD(Strategy):
         block_size: M, tokens per block, >= 1. M >= max_new_tokens is best-of-K on whole responses.
         proposal: the token-level strategy drawing blocks (plain sampling by default; e.g. GenARM):
             its guides and weights are used, its guide states forked with the policy's cache.
+        (K and M are declared with their ranges in `decoding.options.BlockwiseCDOptions`.)
 
     The K blocks differ only when sampling (do_sample=True); greedy decoding draws K equal blocks.
 
@@ -66,12 +68,9 @@ class BlockwiseCD(Strategy):
 
     name = "cd_blockwise"
 
-    def __init__(self, scorer=None, num_candidates: int = 4, block_size: int = 8,
-                 proposal: TokenStrategy | None = None):
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise ValueError(f"num_candidates (K) must be an integer >= 1, got {num_candidates!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size (M) must be an integer >= 1, got {block_size!r}")
+    def __init__(self, scorer=None, num_candidates: int = BlockwiseCDOptions.num_candidates,
+                 block_size: int = BlockwiseCDOptions.block_size, proposal: TokenStrategy | None = None):
+        self.options = BlockwiseCDOptions(num_candidates=num_candidates, block_size=block_size)
         if scorer is None and num_candidates > 1:
             raise ValueError("num_candidates > 1 needs a scorer (a value model or a sequence reward) to pick blocks")
         scores = scorer is not None and any(callable(getattr(scorer, m, None)) for m in ("score_ids", "score"))
@@ -93,7 +92,7 @@ class BlockwiseCD(Strategy):
     def _proposal_guides(self, policy, settings: GenerationSettings):
         if self.proposal is None:
             return [], settings.temperature, []
-        guides = [with_policy_tokenizer(g, policy.tokenizer) for g in self.proposal.guides()]
+        guides = list(self.proposal.guides())
         temperature, weights = self.proposal.mixing(settings)
         kept = [i for i, w in enumerate(weights) if w != 0]
         return [guides[i] for i in kept], temperature, [weights[i] for i in kept]
@@ -117,9 +116,11 @@ class BlockwiseCD(Strategy):
         prompt_texts = rows_batch.prompt_texts(policy.tokenizer) if reads_text else None
 
         session, logits = policy.start(batch, width, repeats=n)
-        states = [g.start(rows_batch, width) for g in guides]
         device = logits.device
-        streams = candidate_streams(settings.row_seeds(batch.size, n, device), k)  # [R, K]
+        seeds = settings.row_seeds(batch.size, n, device)
+        context = GuideContext(rows_batch, width, settings, seeds, policy.tokenizer, session)
+        states = [g.start(context) for g in guides]
+        streams = candidate_streams(seeds, k)  # [R, K]
         rows = _Rows(batch.size * n)
         live = torch.arange(batch.size * n)  # original row of each session row
         blocks = 0

@@ -17,32 +17,12 @@ blockwise CD (`BlockwiseCD`) ranks whole blocks instead.
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Sequence
 
-from .guides.value import with_policy_tokenizer
+from .guides.base import as_guides
+from .options import TokenwiseCDOptions
 from .settings import GenerationSettings
 from .strategy import TokenStrategy
-
-
-def check_weight(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def as_guide_list(models, what: str) -> list:
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    if not models:
-        raise ValueError(f"{what}: at least one is needed")
-    for m in models:
-        if not (hasattr(m, "start") and hasattr(m, "width_for")):
-            raise TypeError(
-                f"{what} must be QValueModel, ScalarValueModel, PrefixRewardGuide or other guide objects, "
-                f"got {type(m).__name__}"
-            )
-    return models
 
 
 class TokenwiseCD(TokenStrategy):
@@ -53,6 +33,7 @@ class TokenwiseCD(TokenStrategy):
             QValueModel (every next token), a ScalarValueModel or PrefixRewardGuide (top-k candidates).
         strength: lambda, the weight of a single value model (default 1.0). 0 gives the policy.
         weights: one weight per value model (V = sum_i w_i V_i); exclusive with strength.
+        (Declared with their ranges in `decoding.options.TokenwiseCDOptions`.)
 
     Example:
         >>> cd = TokenwiseCD([QValueModel(helpful, tok), QValueModel(harmless, tok)], weights=[1.0, 2.0])
@@ -62,22 +43,12 @@ class TokenwiseCD(TokenStrategy):
 
     name = "cd_tokenwise"
 
-    def __init__(self, value_models, strength: float | None = None, weights: Sequence[float] | None = None):
-        self.value_models = as_guide_list(value_models, "value_models")
-        if strength is not None and weights is not None:
-            raise ValueError("give either strength (one value model) or weights (one per value model), not both")
-        if weights is None:
-            strength = 1.0 if strength is None else check_weight(strength, "strength")
-            if len(self.value_models) != 1:
-                raise ValueError(
-                    f"strength weighs a single value model; with {len(self.value_models)} value models pass weights"
-                )
-            weights = [strength]
-        weights = [check_weight(w, "each value model weight") for w in weights]
-        if len(weights) != len(self.value_models):
-            raise ValueError(f"{len(weights)} weight(s) for {len(self.value_models)} value model(s)")
-        self.strength = strength
-        self.weights = weights
+    def __init__(self, value_models, strength: float | None = TokenwiseCDOptions.strength,
+                 weights: Sequence[float] | None = TokenwiseCDOptions.weights):
+        self.value_models = as_guides(value_models, "value_models")
+        self.options = TokenwiseCDOptions(strength=strength, weights=None if weights is None else tuple(weights))
+        self.strength = self.options.strength
+        self.weights = self.options.model_weights(len(self.value_models))
 
     def with_weights(self, weights: Sequence[float]) -> "TokenwiseCD":
         """The same value models with other weights: a new trade-off without reloading anything."""
@@ -88,12 +59,6 @@ class TokenwiseCD(TokenStrategy):
 
     def mixing(self, settings: GenerationSettings) -> tuple[float, list[float]]:
         return settings.temperature, list(self.weights)
-
-    def run(self, policy, batch, settings):
-        # Text rewards on partial responses decode them with the policy's tokenizer.
-        bound = copy.copy(self)
-        bound.value_models = [with_policy_tokenizer(v, policy.tokenizer) for v in self.value_models]
-        return TokenStrategy.run(bound, policy, batch, settings)
 
     def hyperparameters(self) -> dict:
         return {

@@ -17,31 +17,24 @@ T_in = 1 / (1 + sum a) to get T = 1. `normalize_logit=True` forces T_in = 1 (a w
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+from .options import GenARMOptions
 from .settings import GenerationSettings
+from .guides.base import as_guides
 from .strategy import TokenStrategy
-
-SEMANTICS = ("paper", "model_arithmetic")
-
-
-def _check_weight(value: float, what: str) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return value
 
 
 class GenARM(TokenStrategy):
     """Guide the policy with one or more autoregressive reward models.
 
     Args:
-        arms: an ARM (or any LMGuide) or a sequence of them, sharing the policy's tokenizer.
-        beta: for a single ARM, the KL strength: weight 1/beta. Must be > 0.
+        arms: an ARM (or any Guide) or a sequence of them, sharing the policy's tokenizer.
+        beta: for a single ARM, the KL strength: weight 1/beta (1.0 when neither beta nor weights is given).
         weights: one weight a_i per ARM (multi-objective trade-offs); exclusive with beta.
         temperature_semantics: "paper" (default) or "model_arithmetic" (the official code's).
         normalize_logit: with model_arithmetic, force T_in = 1 as the official flag does.
+        (Declared with their ranges in `decoding.options.GenARMOptions`.)
 
     Example:
         >>> strategy = GenARM([helpful_arm, harmless_arm], weights=[1.0, 0.5])
@@ -54,35 +47,18 @@ class GenARM(TokenStrategy):
     def __init__(
         self,
         arms,
-        beta: float | None = None,
-        weights: Sequence[float] | None = None,
-        temperature_semantics: str = "paper",
-        normalize_logit: bool = False,
+        beta: float | None = GenARMOptions.beta,
+        weights: Sequence[float] | None = GenARMOptions.weights,
+        temperature_semantics: str = GenARMOptions.temperature_semantics,
+        normalize_logit: bool = GenARMOptions.normalize_logit,
     ):
-        self.arms = list(arms) if isinstance(arms, (list, tuple)) else [arms]
-        if not self.arms:
-            raise ValueError("GenARM needs at least one ARM")
-        for arm in self.arms:
-            if not (hasattr(arm, "start") and hasattr(arm, "width_for")):
-                raise TypeError(f"GenARM arms must be ARM / LMGuide objects, got {type(arm).__name__}")
-        if beta is not None and weights is not None:
-            raise ValueError("give either beta (one ARM) or weights (one per ARM), not both")
-        if weights is None:
-            beta = 1.0 if beta is None else _check_weight(beta, "beta")
-            if beta <= 0:
-                raise ValueError(f"beta must be > 0, got {beta}")
-            if len(self.arms) != 1:
-                raise ValueError(f"beta sets the weight of a single ARM; with {len(self.arms)} ARMs pass weights")
-            weights = [1.0 / beta]
-        weights = [_check_weight(w, "each ARM weight") for w in weights]
-        if len(weights) != len(self.arms):
-            raise ValueError(f"{len(weights)} weight(s) for {len(self.arms)} ARM(s)")
-        if temperature_semantics not in SEMANTICS:
-            raise ValueError(f"temperature_semantics must be one of {SEMANTICS}, got {temperature_semantics!r}")
-        self.beta = beta
-        self.weights = weights
+        self.arms = as_guides(arms, "GenARM arms")
+        self.options = GenARMOptions(beta=beta, weights=None if weights is None else tuple(weights),
+                                     temperature_semantics=temperature_semantics, normalize_logit=normalize_logit)
+        self.weights = self.options.arm_weights(len(self.arms))
+        self.beta = self.options.beta
         self.temperature_semantics = temperature_semantics
-        self.normalize_logit = bool(normalize_logit)
+        self.normalize_logit = normalize_logit
 
     def with_weights(self, weights: Sequence[float]) -> "GenARM":
         """The same ARMs with other weights: a new trade-off without reloading anything."""

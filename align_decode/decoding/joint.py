@@ -66,10 +66,11 @@ class _JointGuide:
 
 
 def fuse_same_model(session: ModelSession, states: list) -> tuple[object, list]:
-    """(policy session or view, guide states or views): guides whose session runs the policy's model with
-    the same vocabulary width on the same device are fused into one session with the policy."""
+    """(policy session or view, guide states or views): guide states that allow it (`fusable`, a model's
+    next-token scores kept in `scores`) whose session runs the policy's model with the same vocabulary
+    width on the same device are fused into one session with the policy."""
     fusable = [i for i, s in enumerate(states)
-               if isinstance(getattr(s, "session", None), ModelSession)
+               if getattr(s, "fusable", False) and isinstance(getattr(s, "session", None), ModelSession)
                and s.session.model is session.model and s.session.vocab_size == session.vocab_size]
     if not fusable:
         return session, states

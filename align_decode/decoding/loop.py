@@ -15,27 +15,13 @@ call this loop on sessions they prepared (forked prefixes, cut-back responses) i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
 from ..kernels import SamplingRows, sample_next
+from .guides.base import GuideState
 from .session import ModelSession
-
-
-class GuideState(Protocol):
-    """A token-level guide's running state for one batch, kept in step with the policy.
-
-    next_scores gets the policy's next-token logits [B, V] and returns the guide's scores [B, V] for the
-    current prefixes: a guide model ignores the logits (its scores come from its own forward pass); a
-    candidate scorer (ARGS, a scalar value model, Transfer Q*) scores only the policy's top-k tokens and
-    gives -inf elsewhere, which restricts the draw to them."""
-
-    def next_scores(self, policy_logits: torch.Tensor) -> torch.Tensor: ...
-
-    def advance(self, tokens: torch.Tensor, advance: torch.Tensor | None = None) -> None: ...
-
-    def select(self, index: torch.Tensor) -> None: ...
 
 
 @dataclass

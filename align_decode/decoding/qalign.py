@@ -24,7 +24,7 @@ longer over a fixed set of responses); the default "response" caps the whole res
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -34,13 +34,12 @@ from .engine import SamplingBackend
 from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode
+from .options import QAlignOptions
 from .prompts import PromptBatch, left_pad
 from .session import ModelSession
 from .settings import GenerationSettings, validate_ids
 from .strategy import Strategy
 
-ANSWERS = ("last", "majority", "best")
-LENGTH_CAPS = ("response", "suffix")
 # Substreams of a chain step's seed: which position to cut at, the acceptance draw, the suffix tokens.
 _INDEX, _ACCEPT, _SUFFIX = 0, 1, 2
 
@@ -73,7 +72,9 @@ class QAlign(Strategy):
         burn_in, thin: which states the majority / best answers read: steps >= burn_in, every thin-th.
         answer: "last" (each chain's final state), "majority" (vote over extracted answers of the kept
             states of all chains), or "best" (the highest-reward kept state).
-        extract: text -> answer, for answer="majority".
+        extract: text -> answer, for answer="majority" [extract_answer of answer_kind].
+        answer_kind: what the majority vote compares, when no extract is given: the final number, the
+            \\boxed{} answer or the option letter (`rewards.extract_answer`).
         reward_clamp, log_ratio_clamp: the official code's ±40 and ±20; None turns one off.
         length_cap: "response" (max_new_tokens caps the whole response) or "suffix" (official code).
         reuse_prefix: keep each chain's KV cache and cut it back (default). False re-runs prompt and kept
@@ -82,6 +83,7 @@ class QAlign(Strategy):
         backend: a SamplingBackend (e.g. VLLMBackend) that draws state 0 and every suffix; None decodes in
             process. The trace's forward_tokens then counts what the engine computed, and cached_tokens
             the prefix tokens its prefix cache served.
+        (The options are declared with their ranges in `decoding.options.QAlignOptions`.)
 
     Example:
         >>> strategy = QAlign(reward=PositiveSentiment(), beta=0.5, steps=32)
@@ -95,41 +97,34 @@ class QAlign(Strategy):
     def __init__(
         self,
         reward,
-        beta: float = 1.0,
-        steps: int = 16,
-        chains: int = 1,
-        burn_in: int = 0,
-        thin: int = 1,
-        answer: str = "last",
+        beta: float = QAlignOptions.beta,
+        steps: int = QAlignOptions.steps,
+        chains: int = QAlignOptions.chains,
+        burn_in: int = QAlignOptions.burn_in,
+        thin: int = QAlignOptions.thin,
+        answer: str = QAlignOptions.answer,
         extract: Callable[[str], object] | None = None,
-        reward_clamp: float | None = 40.0,
-        log_ratio_clamp: float | None = 20.0,
-        length_cap: str = "response",
-        reuse_prefix: bool = True,
+        reward_clamp: float | None = QAlignOptions.reward_clamp,
+        log_ratio_clamp: float | None = QAlignOptions.log_ratio_clamp,
+        length_cap: str = QAlignOptions.length_cap,
+        reuse_prefix: bool = QAlignOptions.reuse_prefix,
         backend: SamplingBackend | None = None,
+        answer_kind: str = QAlignOptions.answer_kind,
     ):
         if reward is None:
             raise ValueError("QAlign needs a reward")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-        for name, value, low in (("steps", steps, 0), ("chains", chains, 1), ("burn_in", burn_in, 0), ("thin", thin, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if burn_in > steps:
-            raise ValueError(f"burn_in={burn_in} leaves no state of the {steps} steps")
-        if answer not in ANSWERS:
-            raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
+        self.options = QAlignOptions(beta=beta, steps=steps, chains=chains, burn_in=burn_in, thin=thin, answer=answer,
+                                     answer_kind=answer_kind, length_cap=length_cap, reward_clamp=reward_clamp,
+                                     log_ratio_clamp=log_ratio_clamp, reuse_prefix=reuse_prefix)
         if answer == "majority" and extract is None:
-            raise ValueError("answer='majority' needs extract (text -> answer)")
-        for name, value in (("reward_clamp", reward_clamp), ("log_ratio_clamp", log_ratio_clamp)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
-        if length_cap not in LENGTH_CAPS:
-            raise ValueError(f"length_cap must be one of {LENGTH_CAPS}, got {length_cap!r}")
-        self.reward, self.beta, self.steps, self.chains = reward, float(beta), steps, chains
-        self.burn_in, self.thin, self.answer, self.extract = burn_in, thin, answer, extract
-        self.reward_clamp, self.log_ratio_clamp, self.length_cap = reward_clamp, log_ratio_clamp, length_cap
-        self.reuse_prefix = bool(reuse_prefix)
+            from ..rewards.answers import extract_answer
+
+            extract = partial(extract_answer, kind=answer_kind)
+        o = self.options
+        self.reward, self.beta, self.steps, self.chains = reward, o.beta, o.steps, o.chains
+        self.burn_in, self.thin, self.answer, self.extract = o.burn_in, o.thin, o.answer, extract
+        self.reward_clamp, self.log_ratio_clamp, self.length_cap = o.reward_clamp, o.log_ratio_clamp, o.length_cap
+        self.reuse_prefix = o.reuse_prefix
         if backend is not None and not isinstance(backend, SamplingBackend):
             raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
         self.backend = backend

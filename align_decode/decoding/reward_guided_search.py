@@ -18,13 +18,12 @@ afterwards); `stop_at_eos=False` does the same. The default stops at EOS.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Sequence
 
 from .guides.topk import TopKGuide
-from .guides.value import PrefixRewardGuide, ScalarValueModel, with_policy_tokenizer
-from .controlled import check_weight
+from .guides.value import PrefixRewardGuide, ScalarValueModel
+from .options import ARGSOptions
 from .settings import GenerationSettings
 from .strategy import TokenStrategy
 
@@ -39,6 +38,7 @@ class ARGS(TokenStrategy):
         k: candidates per step, >= 1 (paper: 10); checked against the vocabulary at generation.
         stop_at_eos: stop a row at the stop token (default); False always writes max_new_tokens
             tokens, as the official code does.
+        (Declared with their ranges in `decoding.options.ARGSOptions`.)
 
     Greedy (do_sample=False) is ARGS-greedy; do_sample=True is ARGS-stochastic at tau = temperature.
 
@@ -50,12 +50,10 @@ class ARGS(TokenStrategy):
 
     name = "args"
 
-    def __init__(self, reward, weight: float = 1.5, k: int = 10, stop_at_eos: bool = True):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (the number of candidate tokens) must be an integer >= 1, got {k!r}")
-        self.weight = check_weight(weight, "weight")
-        self.k = k
-        self.stop_at_eos = bool(stop_at_eos)
+    def __init__(self, reward, weight: float = ARGSOptions.weight, k: int = ARGSOptions.k,
+                 stop_at_eos: bool = ARGSOptions.stop_at_eos):
+        self.options = ARGSOptions(weight=weight, k=k, stop_at_eos=stop_at_eos)
+        self.weight, self.k, self.stop_at_eos = self.options.weight, self.options.k, self.options.stop_at_eos
         self.reward = reward
         if isinstance(reward, ScalarValueModel):
             self.guide: TopKGuide = reward.with_k(k)
@@ -82,15 +80,13 @@ class ARGS(TokenStrategy):
             return settings.temperature, [weight / settings.temperature]
         return settings.temperature, [weight]
 
-    def run(self, policy, batch, settings: GenerationSettings):
-        bound = copy.copy(self)
-        bound.guide = with_policy_tokenizer(self.guide, policy.tokenizer)
+    def adjust(self, settings: GenerationSettings) -> GenerationSettings:
         # The draw is among the k candidates even when w = 0 drops the reward from the mix.
         if settings.do_sample and not 0 < settings.top_k <= self.k:
             settings = replace(settings, top_k=self.k)
         if not self.stop_at_eos:
             settings = replace(settings, stop_ids=())
-        return TokenStrategy.run(bound, policy, batch, settings)
+        return settings
 
     def hyperparameters(self) -> dict:
         return {"weight": self.weight, "k": self.k, "stop_at_eos": self.stop_at_eos,

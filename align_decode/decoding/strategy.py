@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .guides.base import Guide, GuideContext
 from .joint import fuse_same_model
 from .loop import Decoded, decode
 from .prompts import PromptBatch
@@ -74,15 +75,28 @@ class TokenStrategy(Strategy):
     streams = True
     gives_scores = True
 
-    def guides(self) -> Sequence[Any]:
+    def guides(self) -> Sequence[Guide]:
         return ()
 
     def mixing(self, settings: GenerationSettings) -> tuple[float, list[float]]:
         """(policy temperature, one weight per guide) for these settings."""
         return settings.temperature, []
 
+    def adjust(self, settings: GenerationSettings) -> GenerationSettings:
+        """Hook: the settings this method decodes with (ARGS restricts the draw to its candidates)."""
+        return settings
+
+    def decoder(self, policy: Policy) -> Policy:
+        """Hook: the model whose scores are the prior term (the policy; Transfer Q* may use its baseline)."""
+        return policy
+
+    def finish(self, out: Decoded, session, states: list) -> Decoded:
+        """Hook: add what the method accounts for (rollouts, reward calls) to the loop's output."""
+        return out
+
     def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
         guides = list(self.guides())
+        settings = self.adjust(settings)
         n = settings.num_return_sequences
         # Vocabularies are checked for every guide, even one weighted 0 in this call.
         width = policy.width(guides)
@@ -92,15 +106,17 @@ class TokenStrategy(Strategy):
         # A guide weighted 0 adds nothing to the mix: skip its forward passes altogether.
         kept = [i for i, w in enumerate(weights) if w != 0]
         guides, weights = [guides[i] for i in kept], [weights[i] for i in kept]
+        decoder = self.decoder(policy)
         rows_batch = batch.repeat_interleave(n)
-        session, logits = policy.start(batch, width, repeats=n)
-        states = [g.start(rows_batch, width) for g in guides]
-        # A guide that is the policy's own model (a prompted ARM) shares the policy's forward passes.
-        session, states = fuse_same_model(session, states)
+        session, logits = decoder.start(batch, width, repeats=n)
         device = logits.device
         seeds = settings.row_seeds(batch.size, n, device)
+        context = GuideContext(rows_batch, width, settings, seeds, policy.tokenizer or decoder.tokenizer, session)
+        states = [g.start(context) for g in guides]
+        # A guide that is the policy's own model (a prompted ARM) shares the policy's forward passes.
+        session, states = fuse_same_model(session, states)
         w = torch.tensor(weights, dtype=torch.float32, device=device).expand(rows_batch.size, len(guides))
-        return decode(
+        out = decode(
             session,
             logits,
             states,
@@ -112,6 +128,7 @@ class TokenStrategy(Strategy):
             output_scores=settings.output_scores,
             streamer=settings.streamer,
         )
+        return self.finish(out, session, states)
 
 
 class Sample(TokenStrategy):

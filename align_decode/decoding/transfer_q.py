@@ -27,27 +27,24 @@ the in-process policy (one cached forward pass per token, small beside the k * H
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from ..kernels import SamplingRows, derive_seeds
+from .candidates import score_completions
+from .engine import SamplingBackend
+from .guides.base import GuideContext
 from .guides.lm import LMGuide
 from .guides.topk import TopKGuide, TopKGuideState
-from .engine import SamplingBackend
-from .candidates import score_completions
 from .loop import Decoded, decode
+from .options import TransferQOptions
 from .prompts import PromptBatch
 from .session import ModelSession
-from .settings import GenerationSettings, validate_ids
+from .settings import GenerationSettings
 from .strategy import Policy, TokenStrategy
 
-TRANSFERS = ("direct", "indirect")
-PRIORS = ("policy", "baseline")
-ROLLOUT_SAMPLING = ("greedy", "sample")
 # Mixed into the row seeds so that rollout draws never reuse the stream of the row's own tokens.
 _ROLLOUT_STREAM = 0x7A51
 
@@ -113,12 +110,6 @@ def _check_finite_rewards(values: torch.Tensor, name: str) -> None:
         )
 
 
-def _check_real(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
 # ----------------------------------------------------------------------------------------- the guide
 class BaselineModel(LMGuide):
     """The aligned baseline rho_BL that rolls candidates out; it must share the policy's tokenizer."""
@@ -131,14 +122,13 @@ class TransferQState(TopKGuideState):
 
     def __init__(self, guide: "TransferQGuide", batch: PromptBatch, session: ModelSession, owns_session: bool,
                  seeds: torch.Tensor, settings: GenerationSettings, tokenizer):
-        super().__init__(guide, batch)
+        super().__init__(guide, batch, tokenizer)
         self.session = session
         # False when the baseline is the decoding model itself: the loop's own session (which the loop
         # keeps at each row's prefix) is forked instead of a copy advanced in parallel.
         self.owns_session = owns_session
         self.seeds = seeds.cpu()
         self.settings = settings
-        self.tokenizer = tokenizer
         self.origin = list(range(len(self.prompts)))  # original row of each live row
         needs_text = any(not hasattr(r, "score_ids") for r in guide.rewards())
         self.prompt_texts = batch.prompt_texts(tokenizer) if needs_text else None
@@ -191,13 +181,15 @@ class TransferQGuide(TopKGuide):
         return width
 
     @torch.no_grad()
-    def start(self, batch: PromptBatch, width: int, seeds: torch.Tensor | None = None,
-              settings: GenerationSettings | None = None, tokenizer=None,
-              shared_session: ModelSession | None = None) -> TransferQState:
-        """The state for a batch. shared_session: the decoding loop's session when the baseline is the
-        decoding model (it holds every row's prefix whenever candidates are scored)."""
-        settings = settings or GenerationSettings(max_new_tokens=0)
-        seeds = torch.zeros(batch.size, dtype=torch.long) if seeds is None else seeds
+    def start(self, context: GuideContext) -> TransferQState:
+        """The state for a batch. When the baseline is the decoding model, the loop's session already
+        holds every row's prefix whenever candidates are scored: the rollouts fork it."""
+        batch, width = context.batch, context.width
+        settings = context.settings or GenerationSettings(max_new_tokens=0)
+        seeds, tokenizer = context.row_seeds(), context.tokenizer
+        shared_session = context.policy_session
+        if shared_session is not None and shared_session.model is not self.baseline.model:
+            shared_session = None
         if self.backend is not None:
             # The engine rolls out from token ids: no local cache of the baseline follows the rows.
             return TransferQState(self, batch, None, False, seeds, settings, tokenizer or self.baseline.tokenizer)
@@ -357,19 +349,19 @@ class TransferQ(TokenStrategy):
         reward,
         *,
         baseline_tokenizer=None,
-        alpha: float = 1.0,
-        k: int = 10,
-        rollout_len: int | None = 20,
-        num_rollouts: int = 1,
-        rollout_sampling: str = "greedy",
-        rollout_temperature: float = 1.0,
-        transfer: str = "direct",
+        alpha: float = TransferQOptions.alpha,
+        k: int = TransferQOptions.k,
+        rollout_len: int | None = TransferQOptions.rollout_len,
+        num_rollouts: int = TransferQOptions.num_rollouts,
+        rollout_sampling: str = TransferQOptions.rollout_sampling,
+        rollout_temperature: float = TransferQOptions.rollout_temperature,
+        transfer: str = TransferQOptions.transfer,
         baseline_reward=None,
-        beta: float = 1.0,
-        normalize_weights: bool = True,
-        prior: str = "policy",
-        max_rollout_rows: int = 256,
-        trace_rollouts: bool = False,
+        beta: float = TransferQOptions.beta,
+        normalize_weights: bool = TransferQOptions.normalize_weights,
+        prior: str = TransferQOptions.prior,
+        max_rollout_rows: int = TransferQOptions.max_rollout_rows,
+        trace_rollouts: bool = TransferQOptions.trace_rollouts,
         backend: SamplingBackend | None = None,
     ):
         if isinstance(baseline, LMGuide):
@@ -381,44 +373,22 @@ class TransferQ(TokenStrategy):
                 raise TypeError(f"{what} must be a SequenceReward (score) or have score_ids, got {type(r).__name__}")
         if reward is None:
             raise ValueError("TransferQ needs a target reward")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k (the number of candidate tokens) must be an integer >= 1, got {k!r}")
-        if rollout_len is not None and (not isinstance(rollout_len, int) or isinstance(rollout_len, bool)
-                                        or rollout_len < 0):
-            raise ValueError(f"rollout_len must be an integer >= 0 or None (to the end of the response), got {rollout_len!r}")
-        if not isinstance(num_rollouts, int) or isinstance(num_rollouts, bool) or num_rollouts < 1:
-            raise ValueError(f"num_rollouts must be an integer >= 1, got {num_rollouts!r}")
-        if rollout_sampling not in ROLLOUT_SAMPLING:
-            raise ValueError(f"rollout_sampling must be one of {ROLLOUT_SAMPLING}, got {rollout_sampling!r}")
-        if rollout_sampling == "greedy" and num_rollouts > 1:
-            raise ValueError(
-                f"num_rollouts={num_rollouts} with greedy rollouts repeats one rollout; use rollout_sampling='sample'"
-            )
-        rollout_temperature = _check_real(rollout_temperature, "rollout_temperature")
-        if rollout_temperature <= 0:
-            raise ValueError(f"rollout_temperature must be > 0, got {rollout_temperature}")
-        if transfer not in TRANSFERS:
-            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+        o = self.options = TransferQOptions(
+            alpha=alpha, k=k, rollout_len=rollout_len, num_rollouts=num_rollouts, rollout_sampling=rollout_sampling,
+            rollout_temperature=rollout_temperature, transfer=transfer, beta=beta, normalize_weights=normalize_weights,
+            prior=prior, max_rollout_rows=max_rollout_rows, trace_rollouts=trace_rollouts)
         if transfer == "indirect" and baseline_reward is None:
             raise ValueError("transfer='indirect' needs baseline_reward (r_BL, the reward the baseline is aligned to)")
         if transfer == "direct" and baseline_reward is not None:
             raise ValueError("baseline_reward is used by transfer='indirect' only")
-        beta = _check_real(beta, "beta")
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if prior not in PRIORS:
-            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        if not isinstance(max_rollout_rows, int) or isinstance(max_rollout_rows, bool) or max_rollout_rows < 1:
-            raise ValueError(f"max_rollout_rows must be an integer >= 1, got {max_rollout_rows!r}")
         if backend is not None and not isinstance(backend, SamplingBackend):
             raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
-        self.alpha = _check_real(alpha, "alpha")
-        self.transfer, self.prior = transfer, prior
+        self.alpha, self.transfer, self.prior = o.alpha, o.transfer, o.prior
         self.guide = TransferQGuide(
-            baseline, reward, k=k, rollout_len=rollout_len, num_rollouts=num_rollouts,
-            rollout_sampling=rollout_sampling, rollout_temperature=rollout_temperature,
-            baseline_reward=baseline_reward, beta=beta, normalize_weights=bool(normalize_weights),
-            max_rollout_rows=max_rollout_rows, trace_rollouts=bool(trace_rollouts), backend=backend,
+            baseline, reward, k=o.k, rollout_len=o.rollout_len, num_rollouts=o.num_rollouts,
+            rollout_sampling=o.rollout_sampling, rollout_temperature=o.rollout_temperature,
+            baseline_reward=baseline_reward, beta=o.beta, normalize_weights=o.normalize_weights,
+            max_rollout_rows=o.max_rollout_rows, trace_rollouts=o.trace_rollouts, backend=backend,
         )
 
     @classmethod
@@ -440,7 +410,7 @@ class TransferQ(TokenStrategy):
                 raise ValueError(f"TransferQ has one weight (alpha), got {len(alpha)}")
             alpha = alpha[0]
         other = copy.copy(self)
-        other.alpha = _check_real(alpha, "alpha")
+        other.alpha = TransferQOptions.spec("alpha").validate(alpha)
         return other
 
     def guides(self):
@@ -460,34 +430,17 @@ class TransferQ(TokenStrategy):
             **({"backend": g.backend.name} if g.backend is not None else {}),
         }
 
-    def run(self, policy: Policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
-        # The baseline must share the policy's tokenizer in either mode: the returned ids are read with it.
-        width = self.guide.width_for(policy.model, policy.tokenizer)
-        validate_ids(settings.stop_ids, width, "eos_token_id")
-        validate_ids([settings.pad_id], width, "pad_token_id")
-        tokenizer = policy.tokenizer if policy.tokenizer is not None else self.guide.baseline.tokenizer
-        decoder = Policy(self.guide.baseline.model, tokenizer) if self.prior == "baseline" else policy
-        n = settings.num_return_sequences
-        rows_batch = batch.repeat_interleave(n)
-        session, logits = decoder.start(batch, width, repeats=n)
-        device = logits.device
-        seeds = settings.row_seeds(batch.size, n, device)
-        # alpha = 0: Q does not enter the mix, so neither rollouts nor the top-k restriction apply.
-        shared = session if decoder.model is self.guide.baseline.model else None
-        states = [] if self.alpha == 0 else [self.guide.start(rows_batch, width, seeds, settings, tokenizer, shared)]
-        weights = torch.full((rows_batch.size, len(states)), self.alpha, dtype=torch.float32, device=device)
-        out = decode(
-            session, logits, states, weights if states else None,
-            rows=settings.rows(seeds, settings.temperature),
-            max_new_tokens=settings.max_new_tokens,
-            stop_ids=settings.stop_ids,
-            pad_id=settings.pad_id,
-            output_scores=settings.output_scores,
-            streamer=settings.streamer,
-        )
+    def decoder(self, policy: Policy) -> Policy:
+        if self.prior == "baseline":
+            tokenizer = policy.tokenizer if policy.tokenizer is not None else self.guide.baseline.tokenizer
+            return Policy(self.guide.baseline.model, tokenizer)
+        return policy
+
+    def finish(self, out: Decoded, session, states: list) -> Decoded:
+        # alpha = 0 drops the guide (weight 0): no rollouts ran.
         accounting = states[0].accounting() if states else {
             "rollouts": 0, "rollout_tokens": 0, "reward_calls": 0, "reward_pairs": 0, "baseline_forward_tokens": 0}
         out.extras.update(accounting)
         out.extras["prior_forward_tokens"] = session.forward_tokens
-        out.extras["trace"] = states[0].trace if states else [[] for _ in range(rows_batch.size)]
+        out.extras["trace"] = states[0].trace if states else [[] for _ in range(out.tokens.shape[0])]
         return out

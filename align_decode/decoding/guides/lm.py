@@ -19,10 +19,13 @@ import torch
 from ..prompts import PromptBatch, left_pad
 from ..session import ModelSession
 from ..vocab import shared_width
+from .base import Guide, GuideContext
 
 
 class LMGuideState:
     """A guide model's running state: a session over its own prompts, scores for the next token."""
+
+    fusable = True  # its rows may share the policy's forward passes when it runs the policy's model (joint.py)
 
     def __init__(self, session: ModelSession, scores: torch.Tensor, out_device: torch.device):
         self.session = session
@@ -47,7 +50,7 @@ class LMGuideState:
         self.scores = self.session.resume_at(lengths).to(self.out_device)
 
 
-class LMGuide:
+class LMGuide(Guide):
     """A causal LM over the policy's vocabulary used as a token-level guide.
 
     Args:
@@ -83,11 +86,15 @@ class LMGuide:
         return batch.input_ids, batch.attention_mask
 
     @torch.no_grad()
-    def start(self, batch: PromptBatch, width: int) -> LMGuideState:
-        session = ModelSession(self.model, vocab_size=width)
-        ids, mask = self.guide_prompts(batch)
-        scores = session.prefill(ids.to(session.device), mask.to(session.device))
-        return LMGuideState(session, scores, batch.input_ids.device)
+    def start(self, context: GuideContext) -> LMGuideState:
+        session, scores = self.prefill(context)
+        return LMGuideState(session, scores, context.batch.input_ids.device)
+
+    def prefill(self, context: GuideContext) -> tuple[ModelSession, torch.Tensor]:
+        """A session of this guide's model over its view of the rows' prompts, and its first scores."""
+        session = ModelSession(self.model, vocab_size=context.width)
+        ids, mask = self.guide_prompts(context.batch)
+        return session, session.prefill(ids.to(session.device), mask.to(session.device))
 
 
 class ARM(LMGuide):

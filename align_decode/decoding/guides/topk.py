@@ -13,18 +13,21 @@ restriction), which gives back the base policy.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import torch
 
 from ..prompts import PromptBatch
+from ...validation import AT_LEAST_ONE
+from .base import Guide, GuideContext
 
 
 class TopKGuideState:
     """Running state of a top-k guide: each row's prompt and generated tokens, in step with the policy."""
 
-    def __init__(self, guide: "TopKGuide", batch: PromptBatch):
+    def __init__(self, guide: "TopKGuide", batch: PromptBatch, tokenizer=None):
         self.guide = guide
+        self.tokenizer = tokenizer  # the one that reads the rows' text, when the guide reads text
         self.prompts = [p.tolist() for p in batch.token_lists()]
         self.texts = batch.texts
         self.generated: list[list[int]] = [[] for _ in self.prompts]
@@ -62,7 +65,7 @@ class TopKGuideState:
         self.guide.after_select(self, index)
 
 
-class TopKGuide(ABC):
+class TopKGuide(Guide):
     """Base class: score the policy's top-k candidate tokens of every row each step.
 
     Subclasses implement `score_candidates(state, candidates [B, k]) -> [B, k]` and may keep extra
@@ -72,9 +75,7 @@ class TopKGuide(ABC):
     name = "topk_guide"
 
     def __init__(self, k: int = 10):
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k (the number of candidate tokens) must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = AT_LEAST_ONE.check(k, "k (the number of candidate tokens)")
 
     def width_for(self, policy_model, policy_tokenizer) -> int:
         from ..vocab import output_width
@@ -86,8 +87,8 @@ class TopKGuide(ABC):
             raise ValueError(f"k={self.k} is larger than the vocabulary ({width} tokens)")
         return width
 
-    def start(self, batch: PromptBatch, width: int) -> TopKGuideState:
-        return TopKGuideState(self, batch)
+    def start(self, context: GuideContext) -> TopKGuideState:
+        return TopKGuideState(self, context.batch, context.tokenizer)
 
     @abstractmethod
     def score_candidates(self, state: TopKGuideState, candidates: torch.Tensor) -> torch.Tensor:

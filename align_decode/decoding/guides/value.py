@@ -17,7 +17,6 @@ interface sequence rewards use, so blockwise CD and best-of-N can rank candidate
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -28,6 +27,8 @@ from ..prompts import PromptBatch, left_pad
 from ..session import ModelSession
 from ..vocab import shared_width
 from ...transformers_compat import forward_with_cache
+from ...validation import AT_LEAST_ONE
+from .base import GuideContext
 from .lm import LMGuide, LMGuideState
 from .topk import TopKGuide, TopKGuideState
 
@@ -47,9 +48,7 @@ def _chunks(count: int, size: int):
 
 
 def _check_batch_size(batch_size) -> int:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return batch_size
+    return AT_LEAST_ONE.check(batch_size, "batch_size")
 
 
 # ------------------------------------------------------------------------------------------ Q-head
@@ -89,11 +88,9 @@ class QValueModel(LMGuide):
         self.batch_size = _check_batch_size(batch_size)
 
     @torch.no_grad()
-    def start(self, batch: PromptBatch, width: int) -> QValueState:
-        session = ModelSession(self.model, vocab_size=width)
-        ids, mask = self.guide_prompts(batch)
-        scores = session.prefill(ids.to(session.device), mask.to(session.device))
-        return QValueState(session, scores, batch.input_ids.device, self.name)
+    def start(self, context: GuideContext) -> QValueState:
+        session, scores = self.prefill(context)
+        return QValueState(session, scores, context.batch.input_ids.device, self.name)
 
     @torch.no_grad()
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -200,7 +197,8 @@ class ScalarValueModel(TopKGuide):
         return width
 
     @torch.no_grad()
-    def start(self, batch: PromptBatch, width: int) -> _CachedValueState:
+    def start(self, context: GuideContext) -> _CachedValueState:
+        batch = context.batch
         session = ModelSession(self.values)
         session.prefill(batch.input_ids.to(session.device), batch.attention_mask.to(session.device))
         return _CachedValueState(self, batch, session)
@@ -260,13 +258,12 @@ class PrefixRewardGuide(TopKGuide):
     Each step, for every row's prefix y and each of the policy's k most likely next tokens v, the guide
     scores r(x, y + v): all B*k pairs in one call to the reward. Rewards with `score_ids` (value models,
     token-id tables) get token ids; text rewards get the prompt text and the decoded partial response
-    (special tokens skipped), which needs the policy's tokenizer: strategies pass it in
-    (`with_tokenizer`), or give it here.
+    (special tokens skipped) with the tokenizer given here, else the policy's (from the GuideContext).
 
     Args:
         reward: a SequenceReward, or any object with `score_ids(prompt_ids, completion_ids)`.
         k: candidates per step, >= 1.
-        tokenizer: the policy's tokenizer, for text rewards.
+        tokenizer: the tokenizer that decodes partial responses for text rewards [the policy's].
         name: a label for logs and errors.
 
     Example:
@@ -283,23 +280,15 @@ class PrefixRewardGuide(TopKGuide):
         self.name = name or getattr(reward, "name", type(reward).__name__)
         self.reads_text = not callable(getattr(reward, "score_ids", None))
 
-    def with_tokenizer(self, tokenizer) -> "PrefixRewardGuide":
-        """This guide reading text with `tokenizer` (itself when it has one or reads token ids)."""
-        if self.tokenizer is not None or not self.reads_text or tokenizer is None:
-            return self
-        out = copy.copy(self)
-        out.tokenizer = tokenizer
-        return out
-
-    def start(self, batch: PromptBatch, width: int) -> TopKGuideState:
-        state = TopKGuideState(self, batch)
+    def start(self, context: GuideContext) -> TopKGuideState:
+        state = TopKGuideState(self, context.batch, self.tokenizer or context.tokenizer)
         if self.reads_text:
-            if self.tokenizer is None:
+            if state.tokenizer is None:
                 raise ValueError(
                     f"reward {self.name!r} reads text: the policy's tokenizer is needed to decode prefixes"
                 )
             if state.texts is None:
-                state.texts = batch.prompt_texts(self.tokenizer)
+                state.texts = context.batch.prompt_texts(state.tokenizer)
         return state
 
     def score_candidates(self, state: TopKGuideState, candidates: torch.Tensor) -> torch.Tensor:
@@ -307,11 +296,5 @@ class PrefixRewardGuide(TopKGuide):
         completions = [g + [v] for g, cand in zip(state.generated, candidates.tolist()) for v in cand]
         prompt_ids = [p for p in state.prompts for _ in range(k)]
         texts = None if state.texts is None else [t for t in state.texts for _ in range(k)]
-        values = score_completions(self.reward, self.tokenizer, texts, completions, prompt_ids)
+        values = score_completions(self.reward, state.tokenizer, texts, completions, prompt_ids)
         return values.view(rows, k)
-
-
-def with_policy_tokenizer(guide, tokenizer):
-    """The guide, given the policy's tokenizer if it reads text and has none."""
-    bind = getattr(guide, "with_tokenizer", None)
-    return bind(tokenizer) if callable(bind) else guide

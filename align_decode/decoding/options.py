@@ -1,0 +1,181 @@
+"""Each decoding method's options, declared once (see `align_decode.options` for how a declaration
+becomes constructor defaults, command-line flags, config keys and validation).
+
+    >>> QAlignOptions(steps=32, beta=0.5).burn_in
+    0
+    >>> with named_as_flags():
+    ...     QAlignOptions(beta=-1.0)
+    Traceback (most recent call last):
+    ValueError: --beta must be a finite number > 0, got -1.0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..options import Options, named_as_flags, option
+from ..validation import AT_LEAST_ONE, FINITE, NON_NEGATIVE_INT, POSITIVE, Bounds
+
+__all__ = ["METHOD_OPTIONS", "MethodOptions", "named_as_flags"]
+
+
+class MethodOptions(Options):
+    """A method's options; `method` is the method's command-line name."""
+
+    method: ClassVar[str] = ""
+
+
+_DEFAULT_BETA = 1.0  # GenARM's and TokenwiseCD's single-guide strength when no weights are given
+
+
+# ------------------------------------------------------------------------------------------ GenARM
+@dataclass(frozen=True)
+class GenARMOptions(MethodOptions):
+    method: ClassVar[str] = "genarm"
+    beta: float | None = option(None, f"KL strength of a single ARM, weight 1/beta [{_DEFAULT_BETA} without weights]",
+                                bounds=Bounds(gt=0, allow_none=True))
+    weights: tuple[float, ...] | None = option(None, "one weight per ARM, in order (instead of beta)", flag="weight",
+                                               multiple=True, bounds=FINITE, metavar="W")
+    temperature_semantics: str = option("paper", "how the temperature enters the mix: the paper's, or the official "
+                                        "code's 'model_arithmetic'", choices=("paper", "model_arithmetic"))
+    normalize_logit: bool = option(False, "with model_arithmetic, divide by 1 + sum(weights) only (the official "
+                                   "flag)", cli=False)
+
+    def check(self) -> None:
+        if self.beta is not None and self.weights is not None:
+            raise ValueError(f"give either {self.label('beta')} (one ARM) or {self.label('weights')} (one per ARM), "
+                             "not both")
+
+    def arm_weights(self, arms: int) -> list[float]:
+        """One weight per ARM: the given weights, or 1/beta for a single ARM."""
+        if self.weights is None:
+            if arms != 1:
+                raise ValueError(f"{self.label('beta')} sets the weight of a single ARM; with {arms} ARMs give "
+                                 f"{self.label('weights')} (one per ARM)")
+            return [1.0 / (_DEFAULT_BETA if self.beta is None else self.beta)]
+        if len(self.weights) != arms:
+            raise ValueError(f"{self.label('weights')} has {len(self.weights)} value(s) for {arms} ARM(s)")
+        return list(self.weights)
+
+
+# ------------------------------------------------------------------------------------ best-of-N
+ANSWER_KINDS = ("number", "boxed", "option")
+
+
+@dataclass(frozen=True)
+class BestOfNOptions(MethodOptions):
+    method: ClassVar[str] = "best_of_n"
+    n: int = option(4, "candidates per prompt (the command line's --n)", bounds=AT_LEAST_ONE, cli=False)
+    aggregate: str = option("best", "how the answer is picked: the best reward, or a (reward-weighted) vote on "
+                            "extracted answers", choices=("best", "majority", "weighted_majority"))
+    beta: float = option(1.0, "temperature of the weighted vote's softmax(r / beta)", bounds=POSITIVE)
+    answer_kind: str = option("number", "what a vote compares: the final number, the \\boxed{} answer or the "
+                              "option letter", choices=ANSWER_KINDS)
+    max_rows: int = option(64, "most rows decoded at once (memory bound; the result does not depend on it)",
+                           bounds=AT_LEAST_ONE, cli=False)
+
+
+# --------------------------------------------------------------------------------------- QAlign
+@dataclass(frozen=True)
+class QAlignOptions(MethodOptions):
+    method: ClassVar[str] = "qalign"
+    beta: float = option(1.0, "reward temperature of the target p(y|x) exp(r/beta): smaller trusts the reward more",
+                         bounds=POSITIVE)
+    steps: int = option(16, "Metropolis-Hastings steps per chain", bounds=NON_NEGATIVE_INT)
+    chains: int = option(1, "independent chains per prompt (command line default: --n)", bounds=AT_LEAST_ONE)
+    burn_in: int = option(0, "steps left out of the majority / best answers", bounds=NON_NEGATIVE_INT)
+    thin: int = option(1, "keep every thin-th step for the majority / best answers", bounds=AT_LEAST_ONE)
+    answer: str = option("last", "the answer: each chain's last state, a vote over kept states, or the best kept "
+                         "state", choices=("last", "majority", "best"), flag="chain_answer")
+    answer_kind: str = option("number", "what a vote compares: the final number, the \\boxed{} answer or the "
+                              "option letter", choices=ANSWER_KINDS)
+    length_cap: str = option("response", "what the token budget caps: the whole response, or each resampled "
+                             "suffix (the official code)", choices=("response", "suffix"))
+    reward_clamp: float | None = option(40.0, "rewards are clamped to [-c, c] (the official code's 40)",
+                                        bounds=Bounds(gt=0, allow_none=True), cli=False)
+    log_ratio_clamp: float | None = option(20.0, "the acceptance log-ratio is clamped to [-c, c]",
+                                           bounds=Bounds(gt=0, allow_none=True), cli=False)
+    reuse_prefix: bool = option(True, "keep the kept prefix's KV cache between steps", cli=False)
+
+    def check(self) -> None:
+        if self.burn_in > self.steps:
+            raise ValueError(f"{self.label('burn_in')} {self.burn_in} leaves no state of the {self.steps} steps "
+                             f"({self.label('steps')})")
+
+
+# --------------------------------------------------------------------------- controlled decoding
+@dataclass(frozen=True)
+class TokenwiseCDOptions(MethodOptions):
+    method: ClassVar[str] = "cd_tokenwise"
+    strength: float | None = option(None, f"lambda, the weight of a single value model [{_DEFAULT_BETA}]",
+                                    bounds=Bounds(allow_none=True), cli=False)
+    weights: tuple[float, ...] | None = option(None, "lambda of each value model, in order [1.0 each]",
+                                               flag="value_weight", multiple=True, bounds=FINITE, metavar="W")
+
+    def check(self) -> None:
+        if self.strength is not None and self.weights is not None:
+            raise ValueError(f"give either {self.label('strength')} (one value model) or {self.label('weights')} "
+                             "(one per value model), not both")
+
+    def model_weights(self, models: int) -> list[float]:
+        if self.weights is None:
+            if self.strength is not None and models != 1:
+                raise ValueError(f"strength weighs a single value model; with {models} value models give weights")
+            return [_DEFAULT_BETA if self.strength is None else self.strength] * models
+        if len(self.weights) != models:
+            raise ValueError(f"{self.label('weights')} has {len(self.weights)} value(s) for {models} value model(s)")
+        return list(self.weights)
+
+
+@dataclass(frozen=True)
+class BlockwiseCDOptions(MethodOptions):
+    method: ClassVar[str] = "cd_blockwise"
+    num_candidates: int = option(4, "blocks drawn per step, K", bounds=AT_LEAST_ONE)
+    block_size: int = option(8, "tokens per block, M; M >= the token budget is best-of-K", bounds=AT_LEAST_ONE)
+
+
+# ------------------------------------------------------------------------------------------- ARGS
+@dataclass(frozen=True)
+class ARGSOptions(MethodOptions):
+    method: ClassVar[str] = "args"
+    weight: float = option(1.5, "w in log p(v) + w * r(prefix + v)", bounds=FINITE, flag="reward_weight")
+    k: int = option(10, "top-k tokens of the policy scored per step", bounds=AT_LEAST_ONE, flag="candidate_tokens")
+    stop_at_eos: bool = option(True, "false: write the whole token budget whatever comes, as the official code")
+
+
+# ------------------------------------------------------------------------------------- Transfer Q*
+@dataclass(frozen=True)
+class TransferQOptions(MethodOptions):
+    method: ClassVar[str] = "transfer_q"
+    alpha: float = option(1.0, "alpha in log pi(v) + alpha Q(prefix + v)", bounds=FINITE)
+    k: int = option(10, "top-k tokens of the prior scored per step", bounds=AT_LEAST_ONE, flag="candidate_tokens")
+    rollout_len: int | None = option(20, "tokens per rollout (0 scores prefix + candidate; None: to the end of the "
+                                     "response budget)", bounds=Bounds(ge=0, integer=True, allow_none=True))
+    num_rollouts: int = option(1, "rollouts per candidate (> 1 needs sampled rollouts)", bounds=AT_LEAST_ONE)
+    rollout_sampling: str = option("greedy", "greedy rollouts (the official code) or sampled ones",
+                                   choices=("greedy", "sample"))
+    rollout_temperature: float = option(1.0, "temperature of sampled rollouts", bounds=POSITIVE, cli=False)
+    transfer: str = option("direct", "direct (the baseline's reward is the target), or indirect with a second "
+                           "reward r_BL that the baseline is aligned to", choices=("direct", "indirect"))
+    beta: float = option(1.0, "indirect transfer's temperature in exp((r - r_BL)/beta)", bounds=POSITIVE)
+    normalize_weights: bool = option(True, "indirect transfer: importance weights normalised over the rollouts, "
+                                     "or raw exp((r - r_BL)/beta) as the official code", flag="importance_weights",
+                                     from_flag=lambda text: text == "normalized", flag_choices=("normalized", "raw"))
+    prior: str = option("policy", "the prior term and candidate source: the policy (the paper) or the baseline "
+                        "(the official code)", choices=("policy", "baseline"))
+    max_rollout_rows: int = option(256, "most rollout rows decoded at once (memory bound)", bounds=AT_LEAST_ONE,
+                                   cli=False)
+    trace_rollouts: bool = option(False, "keep every rollout's tokens and rewards in the trace", cli=False)
+
+    def check(self) -> None:
+        if self.rollout_sampling == "greedy" and self.num_rollouts > 1:
+            raise ValueError(f"{self.label('num_rollouts')} {self.num_rollouts} with greedy rollouts repeats one "
+                             f"rollout; use {self.label('rollout_sampling')} sample")
+
+
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    cls.method: cls
+    for cls in (GenARMOptions, BestOfNOptions, QAlignOptions, TokenwiseCDOptions, BlockwiseCDOptions, ARGSOptions,
+                TransferQOptions)
+}
