@@ -184,3 +184,21 @@ def test_output_scores_is_refused_with_a_pointer(policy):
     with pytest.raises(ValueError, match="output_scores"):
         AlignedModel(policy, strategy=BestOfN(reward=TableReward({}), n=2)).generate(
             input_ids=torch.tensor([PROMPT]), max_new_tokens=2, output_scores=True, return_dict_in_generate=True)
+
+
+def test_every_candidate_token_is_counted_and_candidates_are_reported():
+    from align_decode.decoding import GenerationSettings, Policy, PromptBatch, left_pad
+
+    model = tiny_llama(seed=3)
+    reports = []
+    settings = GenerationSettings(max_new_tokens=4, do_sample=True, stop_ids=(1,), pad_id=0,
+                                  seeds=torch.tensor([5, 6]), progress=lambda *report: reports.append(report))
+    reward = CallableReward(lambda prompts, completions: [float(len(c)) for c in completions], batched=True)
+    out = BestOfN(reward, n=6, max_rows=4).run(Policy(model, tiny_tokenizer()), PromptBatch(*left_pad([[3, 4], [5]], 0)),
+                                                settings)
+    candidates = [c for per_prompt in out.extras["candidates"] for c in per_prompt]
+    assert out.total_sampled() == sum(len(c) for c in candidates) > int(out.lengths.sum())
+    drawn = [r for r in reports if r[0] == "candidates"]
+    assert drawn[0] == ("candidates", 0, 12) and drawn[-1] == ("candidates", 12, 12)
+    assert [d for _, d, _ in drawn] == sorted(d for _, d, _ in drawn)  # chunk by chunk (max_rows 4)
+    assert len(drawn) > 2

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from align_decode.cli import cli
+from align_decode.commandline.run import RunFailure
 from align_decode.commandline.console import Console
 from align_decode.commandline.prompts_file import PromptFileError, parse_shard, read_prompts, shard_records
 from align_decode.commandline.results_file import ResultsFile
@@ -451,6 +452,16 @@ BAD_RUNS = {
     "qalign answers": (["--method", "qalign", "--chain-answer", "best", "--n", "2", "--reward", "length:target=1"],
                        ["--chain-answer best gives one answer per prompt"]),
     "option of bon": (["--method", "best_of_n", "--steps", "3"], ["--steps does not apply to method 'best_of_n'"]),
+    "greedy best-of-n": (["--method", "best_of_n", "--n", "4", "--temperature", "0", "--reward", "length:target=1"],
+                         ["--temperature 0 does not work with best_of_n", "one greedy answer repeated"]),
+    "greedy qalign": (["--method", "qalign", "--temperature", "0", "--reward", "length:target=1"],
+                      ["--temperature 0 does not work with qalign", "the chain never moves"]),
+    "greedy blockwise": (["--method", "cd_blockwise", "--temperature", "0", "--reward", "length:target=1"],
+                         ["--temperature 0 does not work with cd_blockwise", "the same greedy block"]),
+    "method option range": (["--method", "qalign", "--beta", "-1", "--reward", "length:target=1"],
+                            ["--beta must be a finite number > 0, got -1.0"]),
+    "method option rule": (["--method", "qalign", "--steps", "2", "--burn-in", "3", "--reward", "length:target=1"],
+                           ["--burn-in 3 leaves no state of the 2 steps (--steps)"]),
 }
 
 
@@ -459,13 +470,39 @@ def test_bad_runs_are_one_line_errors_and_write_nothing(models, prompts, tmp_pat
     args, fragments = BAD_RUNS[case]
     dup = write_jsonl(tmp_path / "dup.jsonl", [PROMPTS[0], PROMPTS[2], {"id": "a", "prompt": "w3"}])
     names = {**models, "dup": dup, "missing": tmp_path / "nowhere"}
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "new folder" / "out.jsonl"
     result = invoke("run", "--model", models["policy"], "--prompts", prompts, "--out", out,
                     *[str(a).format(**names) for a in args])
     if case == "cuda on cpu" and "no CUDA device" not in result.stderr:
         pytest.skip("this machine has a CUDA device")
     assert_one_line_error(result, *fragments)
-    assert not out.exists() or out.read_text() == ""
+    assert not out.parent.exists()  # neither the file nor its folder: a failed run leaves nothing behind
+
+
+def test_greedy_is_fine_where_it_means_something(models, prompts, tmp_path):
+    """--temperature 0 is refused only where it defeats the method: one blockwise candidate is plain greedy."""
+    lines = run_ok(models, prompts, tmp_path / "o.jsonl", "--method", "cd_blockwise", "--num-candidates", 1,
+                   "--temperature", 0)
+    assert len(lines) == len(PROMPTS)
+
+
+def test_a_reward_failing_before_the_first_result_leaves_no_output(models, prompts, tmp_path, monkeypatch):
+    (tmp_path / "cli_broken_reward.py").write_text(
+        "def score(prompts, completions):\n    raise KeyError('label')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "results" / "out.jsonl"
+    args = ("run", "--model", models["policy"], "--prompts", prompts, "--out", out, "--method", "sample",
+            "--max-new-tokens", 3, "--reward", "cli_broken_reward:score")
+    result = invoke(*args, "--quiet")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "align-decode: error: reward 'cli_broken_reward:score' raised KeyError: 'label' "
+        f'(scoring prompt(s) "a", "b", 3, "d", "e"); 0 finished prompt(s) are saved in {out}; '
+        "--debug shows the traceback"
+    ]
+    assert not out.parent.exists()
+    debug = cli_runner().invoke(cli, [str(a) for a in (*args, "--debug")])
+    assert isinstance(debug.exception, RunFailure) and isinstance(debug.exception.__cause__, KeyError)
 
 
 def test_missing_prompts_and_out_options(models, prompts):
@@ -562,15 +599,35 @@ def test_console_bar_only_on_a_terminal_and_warnings_even_when_quiet():
     console.step(5, 5)
     assert shown.getvalue().endswith("2/4 prompts | 30 tokens | " + shown.getvalue().rsplit("tokens | ", 1)[1])
     assert "| step 5/5\x1b[K" in shown.getvalue()
-    piped = io.StringIO()
-    Console(stream=piped).progress(2, 4, 30)
-    assert piped.getvalue() == ""
+    assert "\r" not in Terminal().getvalue()
     quiet = Terminal()
     console = Console(quiet=True, stream=quiet)
     console.progress(1, 2, 3)
     console.note("hidden")
     console.warn("shown")
     assert quiet.getvalue() == "align-decode: warning: shown\n"
+
+
+def test_without_a_terminal_progress_is_a_plain_line_every_few_seconds():
+    piped = io.StringIO()
+    console = Console(stream=piped, log_interval=3600)
+    console.progress(0, 4, 0)  # the start is always shown
+    console.inner("candidates", 8, 16)  # within the interval: nothing more
+    console.inner("step", 3, 5)
+    lines = piped.getvalue().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("align-decode: progress: 0/4 prompts | 0 tokens")
+    assert "\r" not in piped.getvalue() and "\x1b" not in piped.getvalue()  # no bar codes in a log file
+    chatty = io.StringIO()
+    console = Console(stream=chatty, log_interval=0)
+    console.progress(1, 4, 10)
+    console.inner("chain step", 2, 16)
+    console.inner("step", 3, 5)
+    assert chatty.getvalue().splitlines()[-1].endswith("| chain step 2/16 | step 3/5")
+    console.inner("chain step", 3, 16)  # a new outer unit restarts the steps under it
+    assert chatty.getvalue().splitlines()[-1].endswith("| chain step 3/16")
+    quiet = io.StringIO()
+    Console(stream=quiet, quiet=True, log_interval=0).progress(1, 4, 10)
+    assert quiet.getvalue() == ""
 
 
 def test_method_registry_checks_applicability():
@@ -590,3 +647,19 @@ def test_reward_registry_rejects_bad_registrations_and_parses_args():
     assert registry.build_rewards(["none"]) == {}
     with pytest.raises(ValueError, match="given twice"):
         registry.build_rewards(["m:f", "m:f"])
+
+
+def test_progress_inside_a_batch_and_every_sampled_token_in_the_summary(models, prompts, tmp_path):
+    """qalign reports its chain steps while a batch runs, and the summary counts every token drawn
+    (proposals included), not only the final answers."""
+    from align_decode.commandline.run import RunConfig, run
+
+    stream = io.StringIO()
+    config = RunConfig(prompts=prompts, out=str(tmp_path / "q.jsonl"), method="qalign", model=models["policy"],
+                       reward=("length:target=2",), max_new_tokens=4, method_values={"steps": 3},
+                       given={"steps": "the command line"})
+    summary = run(config, Console(stream=stream, log_interval=0))
+    assert "| chain step 3/3" in stream.getvalue() and "| chain step 1/3 | step 1/" in stream.getvalue()
+    answers = sum(line["tokens"]["completion"] for line in read_lines(tmp_path / "q.jsonl"))
+    assert summary.generated_tokens > answers
+    assert "tokens sampled (answers and every candidate, proposal or rollout)" in summary.text()

@@ -107,3 +107,33 @@ def test_default_model_runs_two_prompts(tmp_path):
     assert all(set(line["rewards"]) == {"sentiment"} for line in lines)  # the default reward
     # The chat template was applied: the rendered prompt is much longer than the words given.
     assert lines[0]["tokens"]["prompt"] > 20
+
+
+def test_library_warnings_only_with_verbose_and_own_warnings_always(tmp_path):
+    """A library's warnings and log lines are not the user's business: shown with --verbose only.
+    align-decode's own warnings (here: a generation_config setting it cannot apply) always show."""
+    policy = save_model(tmp_path / "policy", seed=0)
+    config = json.loads((Path(policy) / "generation_config.json").read_text())
+    (Path(policy) / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.3}))
+    (tmp_path / "noisy_reward.py").write_text(
+        "import logging, warnings\n"
+        "def score(prompts, completions):\n"
+        "    warnings.warn('library noise from a warning', FutureWarning)\n"
+        "    logging.getLogger('transformers.modeling_utils').warning('library noise from a log')\n"
+        "    return [0.0] * len(completions)\n"
+    )
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "prompt": "w1 w2"}])
+    env = {**CHILD_ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+
+    def run(out, *extra):
+        return subprocess.run(command("run", "--model", policy, "--prompts", prompts, "--out", tmp_path / out,
+                                      "--method", "sample", "--max-new-tokens", 3, "--reward", "noisy_reward:score",
+                                      *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    plain = run("plain.jsonl")
+    assert plain.returncode == 0, plain.stderr
+    assert "library noise" not in plain.stderr, plain.stderr
+    assert "align-decode: warning: the model's generation_config sets repetition_penalty=1.3" in plain.stderr
+    verbose = run("verbose.jsonl", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "library noise from a warning" in verbose.stderr and "library noise from a log" in verbose.stderr

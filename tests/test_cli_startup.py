@@ -52,7 +52,7 @@ class Case:
 CASES = [
     Case("help", ("--help",), 0, stdout="Usage: align-decode"),
     Case("version", ("--version",), 0, stdout="version 0.1"),
-    Case("run-help", ("run", "--help"), 0, stdout="Usage: align-decode run"),
+    Case("run-help", ("run", "--help"), 0, stdout="its folder is created when"),
     Case("methods", ("methods",), 0, stdout="genarm"),
     Case("make-preferences-help", ("make-preferences", "--help"), 0, stdout="Usage: align-decode make-preferences"),
     Case("train-arm-help", ("train-arm", "--help"), 0, stdout="Usage: align-decode train-arm"),

@@ -190,3 +190,23 @@ def test_official_suffix_cap_lets_responses_grow(policy):
     out = _chains(policy, table, 1.0, 12, 50, length_cap="suffix")
     longest = max(len(y) for s in out.alignment["trace"]["states"] for y in s)
     assert longest > CAP
+
+
+def test_every_sampled_token_is_counted_and_chain_steps_are_reported(policy, table):
+    """The call's token count is every token drawn (state 0 and each proposal's suffix, accepted or not),
+    not just the answers; progress reports each chain step, and the decoding steps inside them."""
+    from align_decode.decoding import GenerationSettings, Policy, PromptBatch, left_pad
+
+    reports = []
+    steps, chains = 5, 4
+    settings = GenerationSettings(max_new_tokens=CAP, do_sample=True, stop_ids=(EOS,), pad_id=PAD,
+                                  num_return_sequences=chains, seeds=torch.tensor([7]),
+                                  progress=lambda *report: reports.append(report))
+    out = QAlign(reward=TableReward(table), steps=steps, chains=chains).run(
+        Policy(policy), PromptBatch(*left_pad([PROMPT], PAD)), settings)
+    trace = out.extras["trace"]
+    suffixes = sum(len(p) - int(c) for k in range(steps) for p, c in zip(trace["proposals"][k], trace["indices"][k]))
+    assert out.total_sampled() == sum(len(y) for y in trace["states"][0]) + suffixes
+    assert out.total_sampled() > int(out.lengths.sum())
+    assert [r for r in reports if r[0] == "chain step"] == [("chain step", k, steps) for k in range(steps + 1)]
+    assert ("step", 1, CAP) in reports

@@ -150,7 +150,7 @@ class Summary:
     shard_prompts: int  # prompts of this shard in the file
     already_done: int  # of those, found in the output (--resume) and skipped
     prompts: int = 0  # written by this run
-    generated_tokens: int = 0  # every candidate's tokens
+    generated_tokens: int = 0  # every token sampled: answers, and every candidate, proposal or rollout
     seconds: float = 0.0  # generation and scoring; loading excluded
     load_seconds: float = 0.0
     mean_reward: dict = field(default_factory=dict)  # over this run's completions
@@ -169,7 +169,8 @@ class Summary:
             f"{self.prompts} prompt(s) written to {self.out}"
             + (f" ({self.already_done} already there)" if self.already_done else "")
             + (f", shard {self.shard}" if self.shard != "0/1" else ""),
-            f"{self.generated_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_second:.1f} tokens/s); "
+            f"{self.generated_tokens} tokens sampled (answers and every candidate, proposal or rollout) in "
+            f"{self.seconds:.1f} s ({self.tokens_per_second:.1f} tokens/s); "
             f"loading took {self.load_seconds:.1f} s",
         ]
         if self.mean_reward:
@@ -316,20 +317,6 @@ class RewardFailure(RuntimeError):
         self.name, self.error, self.ids = name, error, ids
         shown = ", ".join(json.dumps(i) for i in ids)
         super().__init__(f"reward {name!r} raised {type(error).__name__}: {error} (scoring prompt(s) {shown})")
-
-
-class _StepCounter:
-    """A streamer (put/end, as the decoding loop feeds one) that only moves the progress bar."""
-
-    def __init__(self, console: Console, steps: int):
-        self.console, self.steps, self.seen = console, steps, 0
-
-    def put(self, tokens) -> None:
-        self.seen += 1
-        self.console.step(self.seen, self.steps)
-
-    def end(self) -> None:
-        pass
 
 
 class Run:
@@ -505,7 +492,7 @@ class Run:
                 records = pending[start : start + config.batch_size]
                 saved = f"{summary.prompts} finished prompt(s) are saved in {config.out}"
                 try:
-                    lines = self._run_batch(records, encoded[start : start + config.batch_size])
+                    lines, sampled = self._run_batch(records, encoded[start : start + config.batch_size])
                 except RewardFailure as e:
                     # Rerunning cannot help until the reward is fixed: say which reward and what it raised.
                     raise RunFailure(f"{e}; {saved}; --debug shows the traceback") from e.error
@@ -517,9 +504,9 @@ class Run:
                 for line in lines:
                     self.out.append(line)
                     summary.prompts += 1
-                    summary.generated_tokens += line["tokens"]["generated"]
                     for name, value in line.get("rewards", {}).items():
                         totals[name] += value
+                summary.generated_tokens += sampled
                 console.progress(summary.prompts, len(pending), summary.generated_tokens)
         except (KeyboardInterrupt, Terminated):
             console.warn(
@@ -538,7 +525,8 @@ class Run:
 
                 summary.peak_gpu_memory_mb = torch.cuda.max_memory_allocated() / 2**20
 
-    def _run_batch(self, records: list[PromptRecord], encoded: list[list[int]]) -> list[dict]:
+    def _run_batch(self, records: list[PromptRecord], encoded: list[list[int]]) -> tuple[list[dict], int]:
+        """The batch's result lines, and every token the method sampled for them."""
         import torch
 
         from ..decoding import PromptBatch, left_pad
@@ -547,8 +535,8 @@ class Run:
         ids, mask = left_pad(encoded, self.settings.pad_id, device=self.policy.device)
         batch = PromptBatch(ids, mask, [r.text for r in records])
         settings = replace(self.settings, seeds=torch.tensor(seeds, dtype=torch.long))
-        if self.console.bar and self.strategy.streams:
-            settings.streamer = _StepCounter(self.console, settings.max_new_tokens)
+        if self.console.shows_progress:
+            settings.progress = self.console.inner
         tick = time.perf_counter()
         decoded = self.strategy.run(self.policy, batch, settings)
         generate_seconds = time.perf_counter() - tick
@@ -609,7 +597,7 @@ class Run:
             if record.meta:
                 line["meta"] = record.meta
             lines.append(line)
-        return lines
+        return lines, decoded.total_sampled()
 
 
 def run(config: RunConfig, console: Console | None = None) -> Summary:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,40 @@ _REFUSED_INPUTS = {
     "position_ids": "positions are derived from attention_mask",
     "past_key_values": "align-decode manages its own caches",
     "cache": "align-decode manages its own caches",
-    "token_type_ids": "not supported",
     "stop_strings": "use eos_token_id",
 }
+
+
+def _check_one_segment(model, token_type_ids, ids: torch.Tensor) -> None:
+    """Accept token_type_ids only where dropping them changes nothing.
+
+    transformers 4.x tokenizers built on PreTrainedTokenizerFast return token_type_ids (all zeros) by
+    default, so `generate(**tok(...))` passes them. All zeros is one segment, which a decoder-only model
+    whose forward takes no segment ids never sees: accepted and dropped. A non-zero segment, or a model
+    whose forward embeds token_type_ids (GPT-2's adds an embedding even for zeros), is refused: align-decode
+    does not pass segment ids to the model, so it would not compute what model.generate() computes.
+    """
+    types = torch.as_tensor(token_type_ids)
+    if types.ndim == 1:
+        types = types.unsqueeze(0)
+    if tuple(types.shape) != tuple(ids.shape):
+        raise ValueError(f"token_type_ids must have input_ids' shape {tuple(ids.shape)}, got {tuple(types.shape)}")
+    if bool((types != 0).any()):
+        raise ValueError(
+            "generate() argument token_type_ids with a non-zero segment id is not supported by align-decode: "
+            "it decodes a single segment; pass all-zero token_type_ids or none (a tokenizer's "
+            "return_token_type_ids=False)"
+        )
+    try:
+        takes_segments = "token_type_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_segments = False
+    if takes_segments:
+        raise ValueError(
+            f"generate() argument token_type_ids is not supported by align-decode for {type(model).__name__}: "
+            "its forward embeds segment ids (even all-zero ones change its output) and align-decode does not "
+            "pass them; drop token_type_ids (a tokenizer's return_token_type_ids=False)"
+        )
 
 
 @dataclass
@@ -90,6 +122,7 @@ class AlignedModel:
         prompt_texts: list[str] | None = None,
         **kwargs,
     ):
+        token_type_ids = kwargs.pop("token_type_ids", None)
         for name, hint in _REFUSED_INPUTS.items():
             if kwargs.get(name) is not None:
                 raise ValueError(f"generate() argument {name} is not supported by align-decode: {hint}")
@@ -105,6 +138,8 @@ class AlignedModel:
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {tuple(ids.shape)}")
         ids = ids.long()
+        if token_type_ids is not None:
+            _check_one_segment(self.model, token_type_ids, ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         strategy = strategy or self.strategy

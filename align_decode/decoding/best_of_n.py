@@ -176,4 +176,5 @@ class BestOfN(Strategy):
             logprobs=cands.logprobs[index, :width],
             steps=cands.steps,
             extras=extras,
+            sampled_tokens=cands.total_sampled(),
         )

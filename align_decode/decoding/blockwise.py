@@ -123,7 +123,7 @@ class BlockwiseCD(Strategy):
         streams = candidate_streams(seeds, k)  # [R, K]
         rows = _Rows(batch.size * n)
         live = torch.arange(batch.size * n)  # original row of each session row
-        blocks = 0
+        blocks = sampled = 0
         while cap > 0 and live.numel():
             done = torch.tensor([len(rows.tokens[i]) for i in live.tolist()], dtype=torch.long)
             # Fork every row K ways: candidate j of row l is session row l * K + j.
@@ -139,6 +139,7 @@ class BlockwiseCD(Strategy):
                 prune_finished=False,
             )
             blocks += 1
+            sampled += out.total_sampled()
             drawn = [out.tokens[r, : int(out.lengths[r])].tolist() for r in range(fork.numel())]
             values, choice = None, torch.zeros(live.numel(), dtype=torch.long)
             if k > 1:
@@ -163,7 +164,9 @@ class BlockwiseCD(Strategy):
                 s.advance(last)
             session.maybe_compact()
             live = live[going]
-        return rows.decoded(settings.pad_id, device, blocks, session.forward_tokens)
+        out = rows.decoded(settings.pad_id, device, blocks, session.forward_tokens)
+        out.sampled_tokens = sampled  # all K candidate blocks of every step
+        return out
 
 
 def _select(session, states, index: torch.Tensor) -> None:

@@ -65,6 +65,7 @@ def concat_decoded(parts: Sequence[Decoded], pad_id: int) -> Decoded:
         stopped=torch.cat([p.stopped for p in parts]),
         logprobs=torch.cat([pad(p.logprobs, 0.0) for p in parts]),
         steps=sum(p.steps for p in parts),
+        sampled_tokens=sum(p.total_sampled() for p in parts),
     )
 
 
@@ -97,12 +98,15 @@ def sample_candidates(
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     settings = settings.with_fixed_seeds(batch.size)
-    parts = []
+    parts, drawn = [], 0
+    settings.report("candidates", 0, batch.size * n)
     for p0, pc, c0, cc in _chunks(batch.size, n, max_rows):
         index = torch.arange(p0, p0 + pc)
         sub = replace(settings, num_return_sequences=cc, row_offset=c0, seeds=settings.seeds[index],
                       output_scores=False, streamer=None)
         parts.append(proposal.run(policy, batch.select(index), sub))
+        drawn += pc * cc
+        settings.report("candidates", drawn, batch.size * n)
     return concat_decoded(parts, settings.pad_id)
 
 

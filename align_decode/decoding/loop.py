@@ -36,6 +36,12 @@ class Decoded:
     scores: list[torch.Tensor] | None = None  # per step [B, V]: the full law drawn from
     steps: int = 0  # loop iterations run
     extras: dict = field(default_factory=dict)
+    # Every token the method drew in this call: returned rows, and the candidates, proposals or rollouts
+    # it did not return. None: just the returned rows.
+    sampled_tokens: int | None = None
+
+    def total_sampled(self) -> int:
+        return int(self.lengths.sum()) if self.sampled_tokens is None else self.sampled_tokens
 
 
 def _check_finite(logprob: torch.Tensor, live: torch.Tensor, t: int) -> None:
@@ -72,10 +78,13 @@ def decode(
     output_scores: bool = False,
     output_policy_logprobs: bool = False,
     streamer=None,
+    progress=None,
     prune_finished: bool | str = True,
 ) -> Decoded:
     """Decode up to max_new_tokens tokens per row from prepared sessions.
 
+    streamer: put(tokens [B]) each step and end() at the end, as transformers' streamers take them.
+    progress: progress("step", t, max_new_tokens) after each step, for a progress display.
     logits: the policy's next-token logits [B, V] for the sessions' current prefixes.
     max_new_tokens: one limit, or one per row ([B]); a row that reaches its limit ends unstopped.
     weights: [B, R], one weight per guide per row.
@@ -143,6 +152,8 @@ def decode(
             scores.append(full)
         if streamer is not None:
             streamer.put(tokens[:, t].cpu())
+        if progress is not None:
+            progress("step", t + 1, max_new_tokens)
 
         ends = active & torch.isin(new, stop)
         stopped[live[ends]] = True

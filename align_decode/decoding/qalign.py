@@ -179,7 +179,8 @@ class QAlign(Strategy):
             suffix_rows = settings.rows(derive_seeds(step_seeds, _SUFFIX).to(device))
             # "park": finished rows leave the batch but keep their caches for the next step.
             return decode(session, logits, rows=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
-                          pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True)
+                          pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True,
+                          progress=settings.progress)
 
         # State 0: one ancestral sample per chain, recorded as accepted.
         if engine is None:
@@ -190,6 +191,8 @@ class QAlign(Strategy):
                 prompt_ids, torch.full((rows,), cap), derive_seeds(chain_seeds, 0), settings, device)
         state = [first.tokens[c, : int(first.lengths[c])].tolist() for c in range(rows)]
         state_lp = [first.logprobs[c, : int(first.lengths[c])].tolist() for c in range(rows)]
+        sampled = first.total_sampled()  # every token drawn: state 0 and every proposal's suffix
+        settings.report("chain step", 0, self.steps)
         reward = self._score(policy, prompt_texts, prompt_ids, state)
         trace = {"states": [list(state)], "state_logprobs": [list(state_lp)], "rewards": [reward.clone()],
                  "accepted": [torch.ones(rows, dtype=torch.bool)], "indices": [], "proposals": [],
@@ -217,6 +220,7 @@ class QAlign(Strategy):
                 fresh, logits = policy.start(kept, width)
                 suffix = draw(fresh, logits, step_seeds, budget)
                 forward_tokens += fresh.forward_tokens
+            sampled += suffix.total_sampled()
             proposal = [state[c][: int(cut[c])] + suffix.tokens[c, : int(suffix.lengths[c])].tolist() for c in range(rows)]
             r_new = self._score(policy, prompt_texts, prompt_ids, proposal)
             n_new = torch.tensor([len(y) for y in proposal], dtype=torch.long)
@@ -236,6 +240,7 @@ class QAlign(Strategy):
             trace["indices"].append(cut)
             trace["proposals"].append(proposal)
             trace["proposal_rewards"].append(r_new)
+            settings.report("chain step", k, self.steps)
 
         rewards = torch.stack(trace["rewards"])  # [steps + 1, rows]
         accepted = torch.stack(trace["accepted"])
@@ -245,7 +250,9 @@ class QAlign(Strategy):
         if engine is not None:
             trace["cached_tokens"] = cached_tokens
         picks = self._final(policy, rewards, trace["states"], batch.size, m)
-        return self._output(picks, trace, settings, device)
+        out = self._output(picks, trace, settings, device)
+        out.sampled_tokens = sampled
+        return out
 
     # ------------------------------------------------------------------------------- final answers
     def _kept_steps(self) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -128,6 +128,13 @@ class GenerationSettings:
     streamer: Any = None
     seeds: torch.Tensor | None = None  # [prompts] base seed per prompt
     row_offset: int = 0  # index of the first row per prompt (a chunk of a larger sample)
+    # progress(what, done, total): where a long call is ("step", "candidates", "chain step"), for a
+    # progress display; the loop reports its steps, sequence methods their own units.
+    progress: Callable[[str, int, int], None] | None = None
+
+    def report(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:

@@ -127,6 +127,7 @@ class TokenStrategy(Strategy):
             pad_id=settings.pad_id,
             output_scores=settings.output_scores,
             streamer=settings.streamer,
+            progress=settings.progress,
         )
         return self.finish(out, session, states)
 

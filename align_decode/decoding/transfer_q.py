@@ -441,6 +441,7 @@ class TransferQ(TokenStrategy):
         accounting = states[0].accounting() if states else {
             "rollouts": 0, "rollout_tokens": 0, "reward_calls": 0, "reward_pairs": 0, "baseline_forward_tokens": 0}
         out.extras.update(accounting)
+        out.sampled_tokens = out.total_sampled() + accounting["rollout_tokens"]
         out.extras["prior_forward_tokens"] = session.forward_tokens
         out.extras["trace"] = states[0].trace if states else [[] for _ in range(out.tokens.shape[0])]
         return out
