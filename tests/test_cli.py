@@ -481,9 +481,11 @@ def test_bad_runs_are_one_line_errors_and_write_nothing(models, prompts, tmp_pat
 
 def test_greedy_is_fine_where_it_means_something(models, prompts, tmp_path):
     """--temperature 0 is refused only where it defeats the method: one blockwise candidate is plain greedy."""
-    lines = run_ok(models, prompts, tmp_path / "o.jsonl", "--method", "cd_blockwise", "--num-candidates", 1,
-                   "--temperature", 0)
-    assert len(lines) == len(PROMPTS)
+    for i, extra in enumerate([("--method", "cd_blockwise", "--num-candidates", 1),
+                               ("--method", "best_of_n", "--n", 1, "--reward", "length:target=2"),
+                               ("--method", "qalign", "--steps", 0, "--reward", "length:target=2")]):
+        lines = run_ok(models, prompts, tmp_path / f"o{i}.jsonl", *extra, "--temperature", 0)
+        assert len(lines) == len(PROMPTS)
 
 
 def test_a_reward_failing_before_the_first_result_leaves_no_output(models, prompts, tmp_path, monkeypatch):

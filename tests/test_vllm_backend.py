@@ -355,7 +355,7 @@ def test_the_command_runs_best_of_n_qalign_and_transfer_q_on_vllm(engine, cli_fi
         rewards = [c["rewards"]["length:target=3"] for c in line["candidates"]]
         assert line["chosen"] == first_best(rewards) and line["rewards"]["length:target=3"] == max(rewards)
     # Greedy decoding agrees across backends, for best-of-N and for Transfer Q*'s rollouts.
-    for method in (["best_of_n", "--n", "2"], ["transfer_q", "--candidate-tokens", "3", "--rollout-len", "3"]):
+    for method in (["best_of_n", "--n", "1"], ["transfer_q", "--candidate-tokens", "3", "--rollout-len", "3"]):
         greedy = {}
         for backend in ("hf", "vllm"):
             eager = ["--enforce-eager"] if backend == "vllm" else []

@@ -198,8 +198,9 @@ class Method:
     n_is_candidates: bool = False  # --n is the method's own candidate count; one row per prompt comes back
     backends: tuple[str, ...] = ("hf",)  # where its sampling can run (--backend)
     engine_only: bool = False  # under an engine backend, no policy forward pass runs in process
-    # Why greedy decoding (--temperature 0) defeats the method, given its arguments; None when it does not.
-    needs_sampling: Callable[[MethodArgs], str | None] = lambda args: None
+    # Why greedy decoding (--temperature 0) defeats the method, given its arguments and --n; None when it
+    # does not.
+    needs_sampling: Callable[[MethodArgs, int], str | None] = lambda args, n: None
 
     def specs(self) -> dict[str, OptionSpec]:
         """{flag name: option spec} of its declared options that have a flag."""
@@ -431,8 +432,9 @@ register_method(Method(
     n_is_candidates=True,
     backends=BACKENDS,
     engine_only=True,
-    needs_sampling=lambda args: "best-of-N needs sampled candidates: at --temperature 0 the --n candidates are "
-                                "one greedy answer repeated; give a temperature > 0",
+    needs_sampling=lambda args, n: None if n == 1 else (
+        f"best-of-N needs sampled candidates: at --temperature 0 the --n {n} candidates are one greedy answer "
+        "repeated; give a temperature > 0"),
 ))
 register_method(Method(
     "qalign",
@@ -443,8 +445,9 @@ register_method(Method(
     needs_reward=True,
     backends=BACKENDS,
     engine_only=True,
-    needs_sampling=lambda args: "QAlign's proposals must be sampled: at --temperature 0 every proposal repeats "
-                                "the current answer and the chain never moves; give a temperature > 0",
+    needs_sampling=lambda args, n: None if args.options.steps == 0 else (
+        "QAlign's proposals must be sampled: at --temperature 0 every proposal repeats the current answer and "
+        "the chain never moves; give a temperature > 0"),
 ))
 
 
@@ -518,7 +521,7 @@ register_method(Method(
     _build_cd_blockwise,
     options=BlockwiseCDOptions,
     model_flags=("value_model",),
-    needs_sampling=lambda args: None if args.options.num_candidates == 1 else (
+    needs_sampling=lambda args, n: None if args.options.num_candidates == 1 else (
         f"blockwise controlled decoding needs sampled blocks: at --temperature 0 the {args.options.num_candidates} "
         "candidate blocks of a step are the same greedy block; give a temperature > 0 (or --num-candidates 1)"),
 ))

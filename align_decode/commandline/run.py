@@ -333,7 +333,7 @@ class Run:
         check_backend(self.method, config.backend)
         self.args = self.method.arguments(config.method_values or {}, given)
         if not config.do_sample:
-            reason = self.method.needs_sampling(self.args)
+            reason = self.method.needs_sampling(self.args, config.n)
             if reason:
                 raise ValueError(f"--temperature 0 does not work with {self.method.name}: {reason}")
         check_specs(config.rewards)

@@ -1,5 +1,6 @@
 """Token-level guides: what the decoding loop mixes into the policy's log-probs each step.
 
+`base`: the interface every guide implements (`Guide`, `GuideState`, `GuideContext`);
 `lm`: guides that are language models over the policy's vocabulary (GenARM's ARMs, prompted ARMs);
 `topk`: guides that score only the policy's top-k tokens (ARGS, scalar value models, Transfer Q*);
 `value`: controlled decoding's value models (a Q-head, a scalar prefix scorer, a reward on prefixes).
@@ -9,6 +10,10 @@ from ..._lazy import lazy_exports
 
 _EXPORTS = {
     "ARM": ".lm",
+    "Guide": ".base",
+    "GuideContext": ".base",
+    "GuideState": ".base",
+    "StaticScores": ".base",
     "LMGuide": ".lm",
     "PrefixRewardGuide": ".value",
     "PromptedARM": ".lm",
