@@ -12,11 +12,11 @@ Errors are one line on stderr (`align-decode: error: ...`) with exit status 2 fo
 
 Sampling through vLLM (best_of_n, qalign, transfer_q; `pip install 'align-decode[vllm]'`):
 
-    align-decode run --method best_of_n --n 64 --backend vllm --tensor-parallel-size 4 --model DIR ...
-    align-decode run --method qalign --steps 64 --backend vllm --max-model-len 4096 --model DIR ...
-    align-decode run --method transfer_q --baseline DIR --backend vllm ...
+    align-decode run --method best_of_n --n 64 --engine vllm --tensor-parallel-size 4 --model DIR ...
+    align-decode run --method qalign --steps 64 --engine vllm --max-model-len 4096 --model DIR ...
+    align-decode run --method transfer_q --baseline DIR --engine vllm ...
 
---backend vllm builds one vLLM engine per run, on the policy's folder (transfer_q: on --baseline's, which
+--engine vllm builds one vLLM engine per run, on the policy's folder (transfer_q: on --baseline's, which
 rolls out). best_of_n draws its --n candidates as one request per prompt (vLLM's own n-sampling); qalign
 resubmits each chain's prompt + kept prefix every step, served by vLLM's prefix cache; transfer_q runs
 every rollout of a step in one call, while the prior's top-k and the draw stay in process. best_of_n and
@@ -26,7 +26,7 @@ model. --tensor-parallel-size (GPUs per model replica, splitting every layer), -
 default 0.9), --max-model-len (prompt + response tokens per sequence, default the model's; lower it
 to fit the KV cache) and --enforce-eager (no torch.compile or CUDA graphs: a start-up in seconds, less
 memory, slower decoding) go to `vllm.LLM`, with --dtype (auto: bfloat16 on GPU, float32 on CPU). Prompts
-are seeded per prompt as with --backend hf, but vLLM's sampler draws other tokens for one seed (the same
+are seeded per prompt as with --engine hf, but vLLM's sampler draws other tokens for one seed (the same
 law; greedy decoding agrees). Raise --batch-size: vLLM schedules all of a batch's requests together.
 On vLLM's CPU build, VLLM_ENABLE_V1_MULTIPROCESSING=0 starts the engine in seconds rather than ~30 s.
 """
@@ -51,7 +51,9 @@ from .errors import AlignDecodeWarning
 USAGE_ERROR, RUN_ERROR = 2, 1
 # The exceptions the package raises for bad input or options (PromptFileError is a ValueError).
 _INPUT_ERRORS = (ValueError, FileNotFoundError, TypeError)
-_SHORT_FLAGS = {"n": "-n"}
+# Other names of a flag: a short one, or an old name kept for one release (--backend became --engine when
+# the kernel's implementations and the sampling engines stopped sharing the word).
+_OTHER_FLAGS = {"n": ["-n"], "engine": ["--backend"]}
 
 
 def _error(message: str) -> None:
@@ -92,7 +94,7 @@ def _run_options(command):
     for spec in RunConfig.specs():
         if not spec.cli:
             continue
-        names = [spec.flag, *([_SHORT_FLAGS[spec.name]] if spec.name in _SHORT_FLAGS else []), spec.name]
+        names = [spec.flag, *_OTHER_FLAGS.get(spec.name, []), spec.name]
         if spec.kind == "bool" and spec.default is False:
             options.append(click.option(*names, is_flag=True, help=spec.help))
             continue

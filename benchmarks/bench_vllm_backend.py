@@ -1,10 +1,10 @@
-"""Best-of-N sampling throughput: the vLLM backend against the in-process (Hugging Face) backend.
+"""Best-of-N sampling throughput: the vLLM engine against the in-process (Hugging Face) engine.
 
 Variants, each drawing n sampled candidates (T = 1, no truncation) for the same chat prompts with the
 same per-prompt seeds, scored by a cheap token-id reward so that sampling dominates:
 
-    hf            BestOfN(backend=None): this package's loop on the transformers model (max_rows rows a pass)
-    vllm          BestOfN(backend=VLLMBackend(...)): one request per prompt with n draws (torch.compile on)
+    hf            BestOfN(engine=None): this package's loop on the transformers model (max_rows rows a pass)
+    vllm          BestOfN(engine=VLLMEngine(...)): one request per prompt with n draws (torch.compile on)
     vllm-eager    the same with enforce_eager=True (no compilation: faster start-up, slower steps)
 
 Each variant runs in its own process (vLLM binds threads and sets torch's thread count at start-up), in
@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     from align_decode import BestOfN
     from align_decode.decoding import PromptBatch, left_pad
-    from align_decode.serving.engines import VLLMBackend, engine_generate
+    from align_decode.serving.engines import VLLMEngine, engine_generate
     from align_decode.decoding.strategy import Policy
     from align_decode.models import default_model_path, load_model
     from align_decode.rewards import SequenceReward
@@ -74,11 +74,11 @@ def worker(args) -> None:
     else:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        backend = VLLMBackend(path, dtype="float32", max_model_len=512, enforce_eager=args.variant == "vllm-eager")
-        strategy = BestOfN(Length(), n=args.n, backend=backend)  # no transformers model loads in this process
+        engine = VLLMEngine(path, dtype="float32", max_model_len=512, enforce_eager=args.variant == "vllm-eager")
+        strategy = BestOfN(Length(), n=args.n, engine=engine)  # no transformers model loads in this process
 
         def once():
-            return engine_generate(strategy, backend, prompts, tokenizer=tok, model_folder=path, **gen)
+            return engine_generate(strategy, engine, prompts, tokenizer=tok, model_folder=path, **gen)
     load_seconds = time.perf_counter() - started
     once()  # warm-up
     rounds = []

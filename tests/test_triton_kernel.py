@@ -378,16 +378,16 @@ def test_draw_depends_only_on_seed_and_step():
 
 
 @interpreted
-def test_sample_next_backends():
-    """sample_next(backend="triton") runs the kernel on CPU tensors under the interpreter (its own noise,
-    not the reference's inverse CDF); backend="torch" is the reference."""
+def test_sample_next_implementations():
+    """sample_next(implementation="triton") runs the kernel on CPU tensors under the interpreter (its own noise,
+    not the reference's inverse CDF); implementation="torch" is the reference."""
     batch, vocab = 8, 500
     policy, guides, weights = scores(batch, vocab, 1, seed=15)
     policy /= 10
     rows = SamplingRows.build(batch, seed=list(range(batch)))
-    fused = sample_next(policy, guides, weights, rows, 1, backend="triton")
+    fused = sample_next(policy, guides, weights, rows, 1, implementation="triton")
     assert torch.equal(fused.tokens, kernel(policy, guides, weights, rows, 1).tokens)
-    plain = sample_next(policy, guides, weights, rows, 1, backend="torch")
+    plain = sample_next(policy, guides, weights, rows, 1, implementation="torch")
     assert torch.equal(plain.tokens, mix_and_sample_reference(policy, guides, weights, rows, 1).tokens)
     assert not torch.equal(fused.tokens, plain.tokens)  # different noise, so the test sees which ran
 
@@ -491,7 +491,7 @@ def test_cpu_tensors_need_cuda_or_the_interpreter():
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         kernel(policy)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        sample_next(policy, backend="triton")
+        sample_next(policy, implementation="triton")
     rows = SamplingRows.build(2, seed=[3, 4])
     auto = sample_next(policy, rows=rows, step=2)  # CPU tensors go to the reference
     assert torch.equal(auto.tokens, mix_and_sample_reference(policy, [], None, rows, 2).tokens)
@@ -518,9 +518,9 @@ def test_dispatch_without_triton(monkeypatch, fresh_choice, caplog):
     assert len(caught) == 1
     assert "torch reference" in caplog.text
     with pytest.raises(RuntimeError, match=r"pip install 'align-decode\[triton\]'"):
-        sample_next(torch.randn(2, 50), backend="triton")
-    with pytest.raises(ValueError, match="backend must be"):
-        sample_next(torch.randn(2, 50), backend="cuda")
+        sample_next(torch.randn(2, 50), implementation="triton")
+    with pytest.raises(ValueError, match="implementation must be"):
+        sample_next(torch.randn(2, 50), implementation="cuda")
 
 
 @needs_triton

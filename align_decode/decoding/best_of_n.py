@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .engine import SamplingBackend
+from .engine import SamplingEngine, engine_argument
 from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
 from .loop import Decoded
 from .options import BestOfNOptions
@@ -58,7 +58,7 @@ class BestOfN(Strategy):
         proposal: the token-level strategy that draws candidates (plain sampling by default; a GenARM
             proposal gives guided candidates).
         max_rows: most rows decoded at once, so a large n never runs out of memory.
-        backend: a SamplingBackend (e.g. VLLMBackend) that draws the candidates: one request per prompt
+        engine: a SamplingEngine (e.g. VLLMEngine) that draws the candidates: one request per prompt
             with n draws, in the engine's batches (max_rows then does not apply); None decodes in process.
             It samples the policy itself, so it does not combine with a proposal.
         (The options are declared with their ranges in `decoding.options.BestOfNOptions`.)
@@ -81,7 +81,8 @@ class BestOfN(Strategy):
         extract: Callable[[str], object] | None = None,
         proposal: TokenStrategy | None = None,
         max_rows: int = BestOfNOptions.max_rows,
-        backend: SamplingBackend | None = None,
+        engine: SamplingEngine | None = None,
+        backend: SamplingEngine | None = None,
         answer_kind: str = BestOfNOptions.answer_kind,
     ):
         o = self.options = BestOfNOptions(n=n, aggregate=aggregate, beta=beta, answer_kind=answer_kind,
@@ -96,17 +97,18 @@ class BestOfN(Strategy):
             raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
         self.reward, self.n, self.aggregate, self.beta = reward, o.n, o.aggregate, o.beta
         self.extract, self.proposal, self.max_rows = extract, proposal or Sample(), o.max_rows
-        if backend is not None and not isinstance(backend, SamplingBackend):
-            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
-        if backend is not None and proposal is not None:
-            raise ValueError(f"a backend samples the policy itself; proposal={proposal.name!r} runs in process only")
-        self.backend = backend
+        engine = engine_argument(engine, backend)
+        if engine is not None and not isinstance(engine, SamplingEngine):
+            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
+        if engine is not None and proposal is not None:
+            raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
+        self.engine = engine
 
     def hyperparameters(self) -> dict:
         out = {"n": self.n, "aggregate": self.aggregate, "beta": self.beta, "max_rows": self.max_rows,
                "reward": getattr(self.reward, "name", None), "proposal": self.proposal.name}
-        if self.backend is not None:
-            out["backend"] = self.backend.name
+        if self.engine is not None:
+            out["engine"] = self.engine.name
         return out
 
     def _choose(self, rewards: torch.Tensor | None, answers: list | None, m: int) -> tuple[list[int], object]:
@@ -132,11 +134,11 @@ class BestOfN(Strategy):
             raise ValueError(f"num_return_sequences={m} is more than the n={self.n} candidates")
         if m > 1 and self.aggregate != "best":
             raise ValueError(f"aggregate={self.aggregate!r} returns one answer per prompt; num_return_sequences={m}")
-        if self.backend is None:
+        if self.engine is None:
             cands = sample_candidates(self.proposal, policy, batch, replace(settings, num_return_sequences=1),
                                       self.n, self.max_rows)
         else:
-            cands = engine_candidates(self.backend, batch, settings, self.n)
+            cands = engine_candidates(self.engine, batch, settings, self.n)
         ids = completion_ids(cands)
         texts = None
         prompt_texts = [t for t in batch.prompt_texts(policy.tokenizer) for _ in range(self.n)] \

@@ -1,5 +1,5 @@
 """Pieces the sequence-level methods share: drawing many candidates per prompt in memory-bounded chunks
-(or from an engine backend), reading completions out of the loop's output, and scoring them with a
+(or from a sampling engine), reading completions out of the loop's output, and scoring them with a
 sequence reward."""
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def sample_candidates(
     return concat_decoded(parts, settings.pad_id)
 
 
-def engine_candidates(backend, batch: PromptBatch, settings: GenerationSettings, n: int) -> Decoded:
-    """n samples per prompt from an engine backend, prompt-major ([B * n] rows): one request per prompt
+def engine_candidates(engine, batch: PromptBatch, settings: GenerationSettings, n: int) -> Decoded:
+    """n samples per prompt from a sampling engine, prompt-major ([B * n] rows): one request per prompt
     drawing n (the engine's own n-sampling, which shares the prompt's prefill). The request's seed is the
     prompt's first row seed (`settings.row_seeds`), so a prompt's candidates depend on its seed alone;
     each candidate's engine seed is in extras["seeds"] ([B][n])."""
@@ -119,7 +119,7 @@ def engine_candidates(backend, batch: PromptBatch, settings: GenerationSettings,
         raise ValueError(f"the number of candidates must be >= 1, got {n}")
     settings = settings.with_fixed_seeds(batch.size)
     prompts = [p.tolist() for p in batch.token_lists()]
-    sampled = backend.generate(prompts, settings.max_new_tokens, settings, settings.row_seeds(batch.size, 1), n=n)
+    sampled = engine.generate(prompts, settings.max_new_tokens, settings, settings.row_seeds(batch.size, 1), n=n)
     out = sampled.decoded(settings.pad_id, device=batch.input_ids.device)
     out.extras["seeds"] = [[c.seed for c in per_prompt] for per_prompt in sampled.completions]
     return out

@@ -1,4 +1,4 @@
-"""What a sampling backend is: an engine that continues token-id prefixes, many at once.
+"""What a sampling engine is: an engine that continues token-id prefixes, many at once.
 
 The sequence-level methods (best-of-N, QAlign, Transfer Q*'s rollouts) need from the policy only
 
@@ -106,14 +106,14 @@ def as_seeds(seeds: Sequence[int] | torch.Tensor, count: int) -> list[int]:
     return seeds
 
 
-class SamplingBackend(ABC):
+class SamplingEngine(ABC):
     """An engine that continues token-id prefixes (see the module docstring).
 
-    Strategies that take `backend=` (BestOfN, QAlign, TransferQ) send their sampling here instead of
+    Strategies that take `engine=` (BestOfN, QAlign, TransferQ) send their sampling here instead of
     running the in-process decoding loop; everything else they do is unchanged.
     """
 
-    name: str = "backend"
+    name: str = "engine"
 
     @property
     @abstractmethod
@@ -132,3 +132,15 @@ class SamplingBackend(ABC):
         """n continuations of each prefix (token ids), each of at most its max_tokens tokens (one limit,
         or one per prefix; 0 gives empty continuations) and ending at the first of settings.stop_ids,
         drawn as settings say (greedy, or temperature / top_k / top_p / min_p), prefix i from seeds[i]."""
+
+
+def engine_argument(engine: "SamplingEngine | None", backend: "SamplingEngine | None") -> "SamplingEngine | None":
+    """A strategy's `engine=`, or the old name `backend=` for one release (with a DeprecationWarning)."""
+    if backend is None:
+        return engine
+    import warnings
+
+    if engine is not None:
+        raise ValueError("give engine= (backend= is its old name), not both")
+    warnings.warn("backend= is now engine=; the old name goes in the next release", DeprecationWarning, stacklevel=3)
+    return backend

@@ -12,7 +12,7 @@ index as an auxiliary variable, so pi is the stationary law (tests check it on a
 
 The kept prefix is never recomputed: each chain keeps its KV cache; a proposal continues a copy of it cut
 back to y_<i (re-feeding one token for its logits), and the chain keeps whichever cache its MH step keeps.
-With an engine backend (`backend=VLLMBackend(...)`) each step submits every chain's prompt + y_<i as token
+With a sampling engine (`engine=VLLMEngine(...)`) each step submits every chain's prompt + y_<i as token
 ids with the remaining budget, and the engine's prefix cache serves the kept prefix; the index, the
 acceptance draw and the suffix seed of each chain and step are the same as in process.
 
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from ..kernels import derive_seeds, row_uniform
-from .engine import SamplingBackend
+from .engine import SamplingEngine, engine_argument
 from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode
@@ -80,7 +80,7 @@ class QAlign(Strategy):
         reuse_prefix: keep each chain's KV cache and cut it back (default). False re-runs prompt and kept
             prefix from scratch every step, as a plain generate() call would: the same chain, slower;
             it is the baseline of the benchmark. Applies in process only.
-        backend: a SamplingBackend (e.g. VLLMBackend) that draws state 0 and every suffix; None decodes in
+        engine: a SamplingEngine (e.g. VLLMEngine) that draws state 0 and every suffix; None decodes in
             process. The trace's forward_tokens then counts what the engine computed, and cached_tokens
             the prefix tokens its prefix cache served.
         (The options are declared with their ranges in `decoding.options.QAlignOptions`.)
@@ -108,7 +108,8 @@ class QAlign(Strategy):
         log_ratio_clamp: float | None = QAlignOptions.log_ratio_clamp,
         length_cap: str = QAlignOptions.length_cap,
         reuse_prefix: bool = QAlignOptions.reuse_prefix,
-        backend: SamplingBackend | None = None,
+        engine: SamplingEngine | None = None,
+        backend: SamplingEngine | None = None,
         answer_kind: str = QAlignOptions.answer_kind,
     ):
         if reward is None:
@@ -125,17 +126,18 @@ class QAlign(Strategy):
         self.burn_in, self.thin, self.answer, self.extract = o.burn_in, o.thin, o.answer, extract
         self.reward_clamp, self.log_ratio_clamp, self.length_cap = o.reward_clamp, o.log_ratio_clamp, o.length_cap
         self.reuse_prefix = o.reuse_prefix
-        if backend is not None and not isinstance(backend, SamplingBackend):
-            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
-        self.backend = backend
+        engine = engine_argument(engine, backend)
+        if engine is not None and not isinstance(engine, SamplingEngine):
+            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
+        self.engine = engine
 
     def hyperparameters(self) -> dict:
         out = {"beta": self.beta, "steps": self.steps, "chains": self.chains, "burn_in": self.burn_in,
                "thin": self.thin, "answer": self.answer, "reward": getattr(self.reward, "name", None),
                "reward_clamp": self.reward_clamp, "log_ratio_clamp": self.log_ratio_clamp,
                "length_cap": self.length_cap}
-        if self.backend is not None:
-            out["backend"] = self.backend.name
+        if self.engine is not None:
+            out["engine"] = self.engine.name
         return out
 
     # ------------------------------------------------------------------------------------ the chain
@@ -146,7 +148,7 @@ class QAlign(Strategy):
     def _engine_draw(self, prefixes, budget, step_seeds, settings: GenerationSettings, device):
         """Every chain's suffix from the engine: prefix c (prompt + kept tokens) continued for at most
         budget[c] tokens, seeded as the in-process draw is. Returns (Decoded rows, the engine's counts)."""
-        sampled = self.backend.generate(prefixes, budget, settings, derive_seeds(step_seeds, _SUFFIX))
+        sampled = self.engine.generate(prefixes, budget, settings, derive_seeds(step_seeds, _SUFFIX))
         return sampled.decoded(settings.pad_id, device), sampled.forward_tokens, sampled.cached_tokens
 
     def run(self, policy, batch: PromptBatch, settings: GenerationSettings) -> Decoded:
@@ -158,7 +160,7 @@ class QAlign(Strategy):
         if settings.max_new_tokens < 1:
             raise ValueError("QAlign needs max_new_tokens >= 1")
         settings = settings.with_fixed_seeds(batch.size)
-        engine = self.backend
+        engine = self.engine
         width = policy.width() if engine is None else engine.vocab_size
         validate_ids(settings.stop_ids, width, "eos_token_id")
         rows = batch.size * self.chains

@@ -17,7 +17,7 @@ All k * n rollouts of a step are one batched decode from forks of the baseline's
 the prefix is never run again. The baseline's cache follows the decoded rows (one token per step); when
 the baseline is the decoding model itself, the loop's own cache is forked instead.
 
-With an engine backend (`backend=VLLMBackend(baseline_folder)`) the rollouts run in the engine instead:
+With a sampling engine (`engine=VLLMEngine(baseline_folder)`) the rollouts run in the engine instead:
 all rows x candidates x rollouts of a step in one generate call, each request prompt + response so far +
 candidate as token ids (the engine's prefix cache shares the prefix), with the same seeds and limits;
 no local copy of the baseline's cache is kept. The prior's top-k candidates and the draw still come from
@@ -34,7 +34,7 @@ import torch
 
 from ..kernels import SamplingRows, derive_seeds
 from .candidates import score_completions
-from .engine import SamplingBackend
+from .engine import SamplingEngine, engine_argument
 from .guides.base import GuideContext
 from .guides.lm import LMGuide
 from .guides.topk import TopKGuide, TopKGuideState
@@ -162,9 +162,9 @@ class TransferQGuide(TopKGuide):
     def __init__(self, baseline: BaselineModel, reward, *, k: int, rollout_len: int | None, num_rollouts: int,
                  rollout_sampling: str, rollout_temperature: float, baseline_reward, beta: float,
                  normalize_weights: bool, max_rollout_rows: int, trace_rollouts: bool,
-                 backend: SamplingBackend | None = None):
+                 engine: SamplingEngine | None = None):
         super().__init__(k)
-        self.backend = backend
+        self.engine = engine
         self.baseline, self.reward, self.baseline_reward = baseline, reward, baseline_reward
         self.rollout_len, self.num_rollouts = rollout_len, num_rollouts
         self.rollout_sampling, self.rollout_temperature = rollout_sampling, rollout_temperature
@@ -190,7 +190,7 @@ class TransferQGuide(TopKGuide):
         shared_session = context.policy_session
         if shared_session is not None and shared_session.model is not self.baseline.model:
             shared_session = None
-        if self.backend is not None:
+        if self.engine is not None:
             # The engine rolls out from token ids: no local cache of the baseline follows the rows.
             return TransferQState(self, batch, None, False, seeds, settings, tokenizer or self.baseline.tokenizer)
         session = shared_session
@@ -220,7 +220,7 @@ class TransferQGuide(TopKGuide):
                   limits: torch.Tensor) -> list[list[int]]:
         """Rollouts from forks of the prefix cache: row rows[j] of the batch, extended by token first[j],
         then up to limits[j] tokens from the baseline. One batched decode per chunk of max_rollout_rows."""
-        if self.backend is not None:
+        if self.engine is not None:
             return self._engine_rollouts(state, rows, first, seeds, limits)
         out: list[list[int]] = []
         settings, dev = state.settings, state.session.device
@@ -246,7 +246,7 @@ class TransferQGuide(TopKGuide):
                            temperature=self.rollout_temperature, top_k=0, top_p=1.0, min_p=0.0)
         prefixes = state.prefixes()
         starts = [prefixes[r] + [t] for r, t in zip(rows.tolist(), first.tolist())]
-        sampled = self.backend.generate(starts, limits, sampling, seeds)
+        sampled = self.engine.generate(starts, limits, sampling, seeds)
         state.rollout_forward_tokens += sampled.forward_tokens
         return [c.tokens for c in sampled.rows()]
 
@@ -330,7 +330,7 @@ class TransferQ(TokenStrategy):
         max_rollout_rows: most rollout rows decoded at once (memory bound; results do not depend on it).
             In process only: an engine schedules the rollouts itself.
         trace_rollouts: keep every rollout's tokens and rewards in the output's trace.
-        backend: a SamplingBackend serving the baseline (e.g. VLLMBackend on the baseline's folder) that
+        engine: a SamplingEngine serving the baseline (e.g. VLLMEngine on the baseline's folder) that
             runs the rollouts; None rolls out in process. The prior still runs in process.
 
     Example:
@@ -362,7 +362,8 @@ class TransferQ(TokenStrategy):
         prior: str = TransferQOptions.prior,
         max_rollout_rows: int = TransferQOptions.max_rollout_rows,
         trace_rollouts: bool = TransferQOptions.trace_rollouts,
-        backend: SamplingBackend | None = None,
+        engine: SamplingEngine | None = None,
+        backend: SamplingEngine | None = None,
     ):
         if isinstance(baseline, LMGuide):
             baseline = BaselineModel(baseline.model, baseline.tokenizer or baseline_tokenizer, name=baseline.name)
@@ -381,14 +382,15 @@ class TransferQ(TokenStrategy):
             raise ValueError("transfer='indirect' needs baseline_reward (r_BL, the reward the baseline is aligned to)")
         if transfer == "direct" and baseline_reward is not None:
             raise ValueError("baseline_reward is used by transfer='indirect' only")
-        if backend is not None and not isinstance(backend, SamplingBackend):
-            raise TypeError(f"backend must be a SamplingBackend (e.g. VLLMBackend), got {type(backend).__name__}")
+        engine = engine_argument(engine, backend)
+        if engine is not None and not isinstance(engine, SamplingEngine):
+            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
         self.alpha, self.transfer, self.prior = o.alpha, o.transfer, o.prior
         self.guide = TransferQGuide(
             baseline, reward, k=o.k, rollout_len=o.rollout_len, num_rollouts=o.num_rollouts,
             rollout_sampling=o.rollout_sampling, rollout_temperature=o.rollout_temperature,
             baseline_reward=baseline_reward, beta=o.beta, normalize_weights=o.normalize_weights,
-            max_rollout_rows=o.max_rollout_rows, trace_rollouts=o.trace_rollouts, backend=backend,
+            max_rollout_rows=o.max_rollout_rows, trace_rollouts=o.trace_rollouts, engine=engine,
         )
 
     @classmethod
@@ -427,7 +429,7 @@ class TransferQ(TokenStrategy):
             "rollout_len": g.rollout_len, "num_rollouts": g.num_rollouts, "rollout_sampling": g.rollout_sampling,
             "rollout_temperature": g.rollout_temperature, "transfer": self.transfer, "beta": g.beta,
             "normalize_weights": g.normalize_weights, "prior": self.prior, "max_rollout_rows": g.max_rollout_rows,
-            **({"backend": g.backend.name} if g.backend is not None else {}),
+            **({"engine": g.engine.name} if g.engine is not None else {}),
         }
 
     def decoder(self, policy: Policy) -> Policy:

@@ -95,17 +95,17 @@ def sample_next(
     noise: torch.Tensor | None = None,
     return_logprobs: bool = False,
     *,
-    backend: str = "auto",
+    implementation: str = "auto",
 ) -> SampleOutput:
     """Mix policy scores [B, V] with guide scores (each [B, V]) under per-row weights [B, R], truncate
     and draw one token per row. See `kernels.reference` for the exact law.
 
-    backend: "auto" sends CUDA tensors to the Triton kernel (when the installed triton has what it needs:
+    implementation: "auto" sends CUDA tensors to the Triton kernel (when the installed triton has what it needs:
     `fused_sampler`) and the rest to the torch reference; "torch" always uses the reference; "triton" always uses the kernel, which on CPU tensors
     works only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported): for tests.
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if implementation not in ("auto", "torch", "triton"):
+        raise ValueError(f"implementation must be 'auto', 'torch' or 'triton', got {implementation!r}")
     batch, vocab = policy.shape
     if rows is None:
         rows = SamplingRows.build(batch, device=policy.device)
@@ -116,13 +116,13 @@ def sample_next(
         if tuple(g.shape) != (batch, vocab):
             raise ValueError(f"guide {i} scores have shape {tuple(g.shape)}, policy has ({batch}, {vocab})")
     fused = None
-    if backend == "triton":
+    if implementation == "triton":
         # Asked for by name: ALIGN_DECODE_DISABLE_TRITON does not apply, and a missing triton is an error.
         try:
             from .triton_mix import mix_and_sample_triton as fused
         except ImportError as err:
-            raise RuntimeError(f"backend='triton' needs triton: {TRITON_INSTALL}") from err
-    elif backend == "auto" and policy.is_cuda:
+            raise RuntimeError(f"implementation='triton' needs triton: {TRITON_INSTALL}") from err
+    elif implementation == "auto" and policy.is_cuda:
         fused = fused_sampler()
     if fused is not None:
         return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)

@@ -35,7 +35,7 @@ step kept in a device tensor makes CUDA-graph replays draw fresh noise.
 The CPU reference does not use Gumbel noise: it draws by inverse CDF from one `row_uniform(seed, step)`
 per row (one random number per row instead of B x V is what makes it cheap on CPU). So for the same seed
 and step the CPU and GPU paths draw from the same law but generally pick different tokens. That is
-accepted: runs are repeatable on one backend, not across backends.
+accepted: runs are repeatable on one implementation, not across the two.
 
 Where the kernel can differ from the reference (cases at the level of rounding or exact ties, which
 random scores do not hit):

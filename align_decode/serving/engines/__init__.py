@@ -1,7 +1,7 @@
-"""Sampling backends: engines that carry the sequence-level methods' sampling work.
+"""Sampling engines: engines that carry the sequence-level methods' sampling work.
 
-`BestOfN`, `QAlign` and `TransferQ` take `backend=`; without one they decode in process (the Hugging
-Face model and this package's loop). `VLLMBackend` sends the work to vLLM, whose tensor and pipeline
+`BestOfN`, `QAlign` and `TransferQ` take `engine=`; without one they decode in process (the Hugging
+Face model and this package's loop). `VLLMEngine` sends the work to vLLM, whose tensor and pipeline
 parallelism then carry it across GPUs and nodes:
 
 - best-of-N: one request per prompt with n = N (vLLM's own n-sampling);
@@ -12,20 +12,31 @@ parallelism then carry it across GPUs and nodes:
   small beside k * H rollout tokens.
 
 `engine_generate` runs best-of-N or QAlign with no local copy of the policy (`EnginePolicy`).
-Importing this package never imports vLLM; building a `VLLMBackend` does.
+Importing this package never imports vLLM; building a `VLLMEngine` does.
 """
 
-from ...decoding.engine import Completion, SamplingBackend, Sampled
+from ...decoding.engine import Completion, SamplingEngine, Sampled
 from .engine_policy import EngineModel, EnginePolicy, engine_generate
-from .vllm_engine import VLLMBackend, engine_seed
+from .vllm_engine import VLLMEngine, engine_seed
 
 __all__ = [
     "Completion",
     "EngineModel",
     "EnginePolicy",
-    "SamplingBackend",
+    "SamplingEngine",
     "Sampled",
-    "VLLMBackend",
+    "VLLMEngine",
     "engine_generate",
     "engine_seed",
 ]
+_RENAMED = {"VLLMBackend": "VLLMEngine", "SamplingBackend": "SamplingEngine"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:  # the names before engines were told apart from the kernel's implementations
+        import warnings
+
+        warnings.warn(f"{name} is now {_RENAMED[name]}; the old name goes in the next release", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

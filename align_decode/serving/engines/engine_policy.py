@@ -1,14 +1,14 @@
-"""A policy whose weights live in an engine backend: only its tokenizer and configuration are local.
+"""A policy whose weights live in a sampling engine: only its tokenizer and configuration are local.
 
-Best-of-N and QAlign given a backend run every policy forward pass in the engine, so the process that
+Best-of-N and QAlign given an engine run every policy forward pass in the engine, so the process that
 steers them needs no copy of the model: a 70B policy spread over GPUs by vLLM's tensor parallelism is
 steered from a process holding its tokenizer (and the reward model). `engine_generate` is the Python
 entry for that case, the counterpart of `AlignedModel.generate` (which wraps a loaded transformers
 model, and works just as well with these strategies when the model fits in memory):
 
-    backend = VLLMBackend("/models/policy", tensor_parallel_size=4)
-    strategy = BestOfN(reward=rm, n=32, backend=backend)
-    out = engine_generate(strategy, backend, ["Tell me a story."], tokenizer=tok, max_new_tokens=256,
+    engine = VLLMEngine("/models/policy", tensor_parallel_size=4)
+    strategy = BestOfN(reward=rm, n=32, engine=engine)
+    out = engine_generate(strategy, engine, ["Tell me a story."], tokenizer=tok, max_new_tokens=256,
                           do_sample=True, temperature=0.8, seed=0)
     out.tokens, out.extras["rewards"]
 """
@@ -24,7 +24,7 @@ from ...decoding.loop import Decoded
 from ...decoding.prompts import PromptBatch, left_pad
 from ...decoding.settings import GenerationSettings
 from ...decoding.strategy import Policy, Strategy
-from ...decoding.engine import SamplingBackend
+from ...decoding.engine import SamplingEngine
 
 
 class EngineModel:
@@ -45,7 +45,7 @@ class EngineModel:
 
 
 class EnginePolicy(Policy):
-    """The policy as a strategy with an engine backend sees it: a tokenizer, no local forward passes."""
+    """The policy as a strategy with a sampling engine sees it: a tokenizer, no local forward passes."""
 
     def __init__(self, tokenizer, model: EngineModel | None = None):
         super().__init__(model=model or EngineModel(), tokenizer=tokenizer)
@@ -68,13 +68,13 @@ class EnginePolicy(Policy):
 
 
 def _no_local_weights() -> RuntimeError:
-    return RuntimeError("this policy's weights live in an engine: give the strategy backend=... (BestOfN and "
+    return RuntimeError("this policy's weights live in an engine: give the strategy engine=... (BestOfN and "
                         "QAlign take one), or load the model and use AlignedModel")
 
 
 def engine_generate(
     strategy: Strategy,
-    backend: SamplingBackend,
+    engine: SamplingEngine,
     prompts: Sequence[Sequence[int]] | Sequence[str],
     *,
     tokenizer=None,
@@ -86,7 +86,7 @@ def engine_generate(
     """Run an engine-backed strategy over prompts, with no local copy of the policy.
 
     Args:
-        strategy: BestOfN or QAlign built with this backend.
+        strategy: BestOfN or QAlign built with this engine.
         prompts: token-id lists, or strings (tokenized as given: apply a chat template first).
         tokenizer: the policy's tokenizer (default: the engine's own).
         model_folder: where the model's generation_config.json is read from, for its defaults (stop ids);
@@ -98,9 +98,9 @@ def engine_generate(
 
     Returns the strategy's Decoded rows (generated tokens only), prompt-major.
     """
-    if getattr(strategy, "backend", None) is not backend:
-        raise ValueError(f"{type(strategy).__name__} must be built with backend=<this backend> to run in the engine")
-    tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
+    if getattr(strategy, "engine", None) is not engine:
+        raise ValueError(f"{type(strategy).__name__} must be built with engine=<this engine> to run in the engine")
+    tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     if prompts and isinstance(prompts[0], str):
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer")

