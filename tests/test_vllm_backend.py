@@ -268,17 +268,17 @@ def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
 
 @pytest.mark.vllm
 def test_greedy_best_of_n_and_rollouts_equal_the_in_process_backend(engine):
-    def bon(engine):
-        return generate(engine.model, BestOfN(IdReward(), n=3, engine=engine), PROMPTS + [LONG], do_sample=False,
+    def bon(sampler):
+        return generate(engine.model, BestOfN(IdReward(), n=3, engine=sampler), PROMPTS + [LONG], do_sample=False,
                         max_new_tokens=12)
 
     ours, theirs = bon(None), bon(engine.engine)
     assert torch.equal(ours.sequences, theirs.sequences)
     assert ours.alignment["candidates"] == theirs.alignment["candidates"]
 
-    def tq(engine):
+    def tq(sampler):
         strategy = TransferQ(engine.model, IdReward(), baseline_tokenizer=engine.tokenizer, k=4, rollout_len=5,
-                             alpha=3.0, trace_rollouts=True, engine=engine)
+                             alpha=3.0, trace_rollouts=True, engine=sampler)
         return generate(engine.model, strategy, PROMPTS, do_sample=False, max_new_tokens=6)
 
     ours, theirs = tq(None), tq(engine.engine)
@@ -376,11 +376,11 @@ def test_the_command_runs_best_of_n_qalign_and_transfer_q_on_vllm(engine, cli_fi
     # Greedy decoding agrees across engines, for best-of-N and for Transfer Q*'s rollouts.
     for method in (["best_of_n", "--n", "1"], ["transfer_q", "--candidate-tokens", "3", "--rollout-len", "3"]):
         greedy = {}
-        for engine in ("hf", "vllm"):
-            eager = ["--enforce-eager"] if engine == "vllm" else []
-            lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method[0]}-{engine}.jsonl", "--method",
-                           *method, "--temperature", "0", "--engine", engine, "--reward", "length:target=3", *eager)
-            greedy[engine] = [(line["completion"], line["hyperparameters"].get("engine")) for line in lines]
+        for kind in ("hf", "vllm"):
+            eager = ["--enforce-eager"] if kind == "vllm" else []
+            lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method[0]}-{kind}.jsonl", "--method",
+                           *method, "--temperature", "0", "--engine", kind, "--reward", "length:target=3", *eager)
+            greedy[kind] = [(line["completion"], line["hyperparameters"].get("engine")) for line in lines]
         assert [(c, "vllm") for c, _ in greedy["hf"]] == greedy["vllm"]
     qalign = run_ok(str(engine.path), cli_files.prompts, tmp_path / "qalign.jsonl", "--method", "qalign", "--steps",
                     "3", "--n", "2", "--engine", "vllm", *common)

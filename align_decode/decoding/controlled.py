@@ -48,7 +48,7 @@ class TokenwiseCD(TokenStrategy):
         self.value_models = as_guides(value_models, "value_models")
         self.options = TokenwiseCDOptions(strength=strength, weights=None if weights is None else tuple(weights))
         self.strength = self.options.strength
-        self.weights = self.options.model_weights(len(self.value_models))
+        self.weights = self.options.guide_weights(len(self.value_models))
 
     def with_weights(self, weights: Sequence[float]) -> "TokenwiseCD":
         """The same value models with other weights: a new trade-off without reloading anything."""

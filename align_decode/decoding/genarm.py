@@ -55,7 +55,7 @@ class GenARM(TokenStrategy):
         self.arms = as_guides(arms, "GenARM arms")
         self.options = GenARMOptions(beta=beta, weights=None if weights is None else tuple(weights),
                                      temperature_semantics=temperature_semantics, normalize_logit=normalize_logit)
-        self.weights = self.options.arm_weights(len(self.arms))
+        self.weights = self.options.guide_weights(len(self.arms))
         self.beta = self.options.beta
         self.temperature_semantics = temperature_semantics
         self.normalize_logit = normalize_logit

@@ -29,10 +29,40 @@ class MethodOptions(Options):
 _DEFAULT_BETA = 1.0  # GenARM's and TokenwiseCD's single-guide strength when no weights are given
 
 
+class _GuideWeights(MethodOptions):
+    """Options of a method that mixes several guides: `weights` (one per guide, in order) or one option
+    that weighs a single guide (GenARM's beta, TokenwiseCD's strength), never both."""
+
+    _single: ClassVar[str]  # the single-guide option's field
+    _guide: ClassVar[str]  # what a guide is called in messages
+    _default_each: ClassVar[bool]  # without either option: the default weight for every guide (else one guide only)
+
+    def _single_weight(self) -> float:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        if getattr(self, self._single) is not None and self.weights is not None:
+            raise ValueError(f"give either {self.label(self._single)} (one {self._guide}) or {self.label('weights')} "
+                             f"(one per {self._guide}), not both")
+
+    def guide_weights(self, count: int) -> list[float]:
+        """One weight per guide: the given weights, or the single-guide option's weight."""
+        if self.weights is not None:
+            if len(self.weights) != count:
+                raise ValueError(f"{self.label('weights')} has {len(self.weights)} value(s) for {count} "
+                                 f"{self._guide}(s)")
+            return list(self.weights)
+        if count != 1 and (getattr(self, self._single) is not None or not self._default_each):
+            raise ValueError(f"{self.label(self._single)} sets the weight of a single {self._guide}; with {count} "
+                             f"{self._guide}s give {self.label('weights')} (one per {self._guide})")
+        return [self._single_weight()] * count
+
+
 # ------------------------------------------------------------------------------------------ GenARM
 @dataclass(frozen=True)
-class GenARMOptions(MethodOptions):
+class GenARMOptions(_GuideWeights):
     method: ClassVar[str] = "genarm"
+    _single, _guide, _default_each = "beta", "ARM", False
     beta: float | None = option(None, f"KL strength of a single ARM, weight 1/beta [{_DEFAULT_BETA} without weights]",
                                 bounds=Bounds(gt=0, allow_none=True))
     weights: tuple[float, ...] | None = option(None, "one weight per ARM, in order (instead of beta)", flag="weight",
@@ -42,21 +72,8 @@ class GenARMOptions(MethodOptions):
     normalize_logit: bool = option(False, "with model_arithmetic, divide by 1 + sum(weights) only (the official "
                                    "flag)", cli=False)
 
-    def check(self) -> None:
-        if self.beta is not None and self.weights is not None:
-            raise ValueError(f"give either {self.label('beta')} (one ARM) or {self.label('weights')} (one per ARM), "
-                             "not both")
-
-    def arm_weights(self, arms: int) -> list[float]:
-        """One weight per ARM: the given weights, or 1/beta for a single ARM."""
-        if self.weights is None:
-            if arms != 1:
-                raise ValueError(f"{self.label('beta')} sets the weight of a single ARM; with {arms} ARMs give "
-                                 f"{self.label('weights')} (one per ARM)")
-            return [1.0 / (_DEFAULT_BETA if self.beta is None else self.beta)]
-        if len(self.weights) != arms:
-            raise ValueError(f"{self.label('weights')} has {len(self.weights)} value(s) for {arms} ARM(s)")
-        return list(self.weights)
+    def _single_weight(self) -> float:
+        return 1.0 / (_DEFAULT_BETA if self.beta is None else self.beta)
 
 
 # ------------------------------------------------------------------------------------ best-of-N
@@ -106,26 +123,16 @@ class QAlignOptions(MethodOptions):
 
 # --------------------------------------------------------------------------- controlled decoding
 @dataclass(frozen=True)
-class TokenwiseCDOptions(MethodOptions):
+class TokenwiseCDOptions(_GuideWeights):
     method: ClassVar[str] = "cd_tokenwise"
+    _single, _guide, _default_each = "strength", "value model", True
     strength: float | None = option(None, f"lambda, the weight of a single value model [{_DEFAULT_BETA}]",
                                     bounds=Bounds(allow_none=True), cli=False)
     weights: tuple[float, ...] | None = option(None, "lambda of each value model, in order [1.0 each]",
                                                flag="value_weight", multiple=True, bounds=FINITE, metavar="W")
 
-    def check(self) -> None:
-        if self.strength is not None and self.weights is not None:
-            raise ValueError(f"give either {self.label('strength')} (one value model) or {self.label('weights')} "
-                             "(one per value model), not both")
-
-    def model_weights(self, models: int) -> list[float]:
-        if self.weights is None:
-            if self.strength is not None and models != 1:
-                raise ValueError(f"strength weighs a single value model; with {models} value models give weights")
-            return [_DEFAULT_BETA if self.strength is None else self.strength] * models
-        if len(self.weights) != models:
-            raise ValueError(f"{self.label('weights')} has {len(self.weights)} value(s) for {models} value model(s)")
-        return list(self.weights)
+    def _single_weight(self) -> float:
+        return _DEFAULT_BETA if self.strength is None else self.strength
 
 
 @dataclass(frozen=True)
