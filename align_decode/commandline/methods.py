@@ -25,8 +25,8 @@ method names through `ctx.engine()`); a method lists the engines it runs on in `
 
 `--n` asks for n rows per prompt (num_return_sequences), all written as candidates, the first as the
 completion. A method whose n means something else sets `n_is_candidates` (best-of-N: n candidates, one
-answer) and reads ctx.n; a method whose run() returns its candidates and choice another way (in
-Decoded.extras) passes its own `layout`.
+answer) and reads ctx.n; a method whose run() returns its candidates and choice another way (in its typed
+report, Decoded.extras) passes its own `layout`.
 """
 
 from __future__ import annotations
@@ -381,11 +381,11 @@ def _build_best_of_n(args: MethodArgs, ctx: BuildContext):
 
 
 def _best_of_n_layout(decoded, prompts: int) -> list[PromptOutput]:
-    extras = decoded.extras
+    report = decoded.extras  # BestOfNReport
     out = []
     for b in range(prompts):
-        per_prompt = {key: extras[key][b] for key in ("answers", "voted") if extras.get(key) is not None}
-        out.append(PromptOutput(candidates=extras["candidates"][b], chosen=extras["chosen"][b][0], extras=per_prompt))
+        votes = {} if report.answers is None else {"answers": report.answers[b], "voted": report.voted[b]}
+        out.append(PromptOutput(candidates=report.candidates[b], chosen=report.chosen[b][0], extras=votes))
     return out
 
 
@@ -407,9 +407,9 @@ def _build_qalign(args: MethodArgs, ctx: BuildContext):
 
 def _qalign_layout(decoded, prompts: int) -> list[PromptOutput]:
     outputs = rows_layout(decoded, prompts)
-    trace = decoded.extras["trace"]
-    chains = trace["chains_per_prompt"]
-    rates = trace["acceptance_rate"].tolist()
+    trace = decoded.extras.trace  # QAlignReport's
+    chains = trace.chains_per_prompt
+    rates = trace.acceptance_rate.tolist()
     return [
         replace(o, extras={"acceptance_rate": rates[b * chains : (b + 1) * chains]}) for b, o in enumerate(outputs)
     ]

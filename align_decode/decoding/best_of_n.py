@@ -12,7 +12,7 @@ P(y) = p(y) / p(r(Y) = r(y)) * (F(r(y))^N - F-(r(y))^N). N = 1 is p itself.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -22,10 +22,24 @@ from .engine import SamplingEngine, engine_argument
 from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
 from .loop import Decoded
 from .options import BestOfNOptions
+from .report import Report
 from .prompts import PromptBatch
 from .settings import GenerationSettings
 from .strategy import Sample, Strategy, TokenStrategy
 
+
+
+@dataclass
+class BestOfNReport(Report):
+    """One call of best-of-N, per prompt: every candidate, which were returned, their rewards and votes."""
+
+    candidates: list[list[list[int]]]  # [prompts][n] each candidate's generated token ids
+    chosen: list[list[int]]  # [prompts][returned] index of each returned candidate among the n
+    rewards: torch.Tensor | None  # [prompts, n]; None for an unweighted vote without a reward
+    forward_tokens: int | None = None  # token positions an engine computed (None in process: not counted)
+    seeds: list[list[int]] | None = None  # [prompts][n] each candidate's engine seed
+    answers: list[list] | None = None  # [prompts][n] extracted answers (votes only)
+    voted: list | None = None  # [prompts] the winning answer (votes only)
 
 
 def vote(answers: list, weights: list[float] | None = None):
@@ -160,23 +174,21 @@ class BestOfN(Strategy):
             voted.append(winner)
         index = torch.tensor(picked, device=cands.tokens.device)
         width = int(cands.lengths[index].max()) if len(picked) else 0
-        extras = {
-            "candidates": [ids[b * self.n:(b + 1) * self.n] for b in range(batch.size)],
-            "chosen": [[i - b * self.n for i in picked[b * m:(b + 1) * m]] for b in range(batch.size)],
-            "rewards": rewards,
-            "forward_tokens": cands.extras.get("engine_forward_tokens"),  # None in process: not counted
-        }
-        if "seeds" in cands.extras:
-            extras["seeds"] = cands.extras["seeds"]
-        if answers is not None:
-            extras["answers"] = [answers[b * self.n:(b + 1) * self.n] for b in range(batch.size)]
-            extras["voted"] = voted
+        report = BestOfNReport(
+            candidates=[ids[b * self.n:(b + 1) * self.n] for b in range(batch.size)],
+            chosen=[[i - b * self.n for i in picked[b * m:(b + 1) * m]] for b in range(batch.size)],
+            rewards=rewards,
+            forward_tokens=cands.extras.get("engine_forward_tokens"),
+            seeds=cands.extras.get("seeds"),
+            answers=None if answers is None else [answers[b * self.n:(b + 1) * self.n] for b in range(batch.size)],
+            voted=None if answers is None else voted,
+        )
         return Decoded(
             tokens=cands.tokens[index, :width],
             lengths=cands.lengths[index],
             stopped=cands.stopped[index],
             logprobs=cands.logprobs[index, :width],
             steps=cands.steps,
-            extras=extras,
+            extras=report,
             sampled_tokens=cands.total_sampled(),
         )

@@ -21,6 +21,8 @@ reproduces plain sampling draw for draw.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels import derive_seeds
@@ -28,9 +30,19 @@ from .candidates import score_completions
 from .guides.base import GuideContext
 from .loop import Decoded, decode
 from .options import BlockwiseCDOptions
+from .report import Report
 from .prompts import PromptBatch
 from .settings import GenerationSettings, validate_ids
 from .strategy import Strategy, TokenStrategy
+
+
+@dataclass
+class BlockwiseReport(Report):
+    """One call of blockwise CD, per row."""
+
+    block_values: list[list[list[float]]]  # [rows][blocks] the K candidates' values at each block (K > 1)
+    blocks: list[int]  # [rows] blocks drawn
+    forward_tokens: int  # token positions run through the policy
 
 
 def candidate_streams(row_seeds: torch.Tensor, k: int) -> torch.Tensor:
@@ -207,5 +219,5 @@ class _Rows:
             stopped=torch.tensor(self.stopped, dtype=torch.bool, device=device),
             logprobs=logprobs.to(device),
             steps=steps,
-            extras={"block_values": self.values, "blocks": self.blocks, "forward_tokens": forward_tokens},
+            extras=BlockwiseReport(block_values=self.values, blocks=self.blocks, forward_tokens=forward_tokens),
         )

@@ -15,7 +15,8 @@ call this loop on sessions they prepared (forked prefixes, cut-back responses) i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import torch
 
@@ -35,7 +36,8 @@ class Decoded:
     policy_logprobs: torch.Tensor | None = None  # [B, T] log-prob under the policy alone at T = 1
     scores: list[torch.Tensor] | None = None  # per step [B, V]: the full law drawn from
     steps: int = 0  # loop iterations run
-    extras: dict = field(default_factory=dict)
+    # What a method adds: a sequence method's typed report (decoding.report), else a dict of counts.
+    extras: Mapping[str, Any] = field(default_factory=dict)
     # Every token the method drew in this call: returned rows, and the candidates, proposals or rollouts
     # it did not return. None: just the returned rows.
     sampled_tokens: int | None = None

@@ -24,6 +24,7 @@ longer over a fixed set of responses); the default "response" caps the whole res
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -35,6 +36,7 @@ from .best_of_n import vote
 from .candidates import score_completions
 from .loop import Decoded, decode
 from .options import QAlignOptions
+from .report import Report
 from .prompts import PromptBatch, left_pad
 from .session import ModelSession
 from .settings import GenerationSettings, validate_ids
@@ -59,6 +61,32 @@ def acceptance_log_ratio(
 
 def clamp_reward(r: torch.Tensor, clamp: float | None) -> torch.Tensor:
     return r if clamp is None else r.clamp(-clamp, clamp)
+
+
+@dataclass
+class QAlignTrace(Report):
+    """Every chain's path in one call; rows are chains, prompt-major (`chains_per_prompt` per prompt)."""
+
+    states: list[list[list[int]]]  # [steps + 1][rows] each chain's state after each step (state 0 first)
+    state_logprobs: list[list[list[float]]]  # their tokens' log-probs under the law they were drawn from
+    rewards: torch.Tensor  # [steps + 1, rows] the states' rewards
+    accepted: torch.Tensor  # [steps + 1, rows] bool (state 0 counts as accepted)
+    indices: list[torch.Tensor]  # [steps][rows] the cut position of each proposal
+    proposals: list[list[list[int]]]  # [steps][rows] each proposal
+    proposal_rewards: list[torch.Tensor]  # [steps][rows]
+    acceptance_rate: torch.Tensor  # [rows]
+    forward_tokens: int  # token positions run through the policy (or computed by the engine)
+    chains_per_prompt: int
+    cached_tokens: int | None = None  # prefix tokens an engine's prefix cache served (engine only)
+
+
+@dataclass
+class QAlignReport(Report):
+    """One call of QAlign: the chains' trace, and which states were returned with their rewards."""
+
+    trace: QAlignTrace
+    chosen: list[list[tuple[int, int]]]  # [prompts][returned] (step, chain) of each returned state
+    rewards: torch.Tensor  # [returned rows] their rewards
 
 
 class QAlign(Strategy):
@@ -291,17 +319,16 @@ class QAlign(Strategy):
             tokens[i, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
             logprobs[i, : len(seqs[i])] = torch.tensor(trace["state_logprobs"][k][r])
         stops = set(settings.stop_ids)
-        trace["chains_per_prompt"] = self.chains
-        extras = {
-            "trace": trace,
-            "chosen": [[(k, r - b * self.chains) for k, r in per] for b, per in enumerate(picks)],
-            "rewards": torch.stack([trace["rewards"][k, r] for k, r in chosen]),
-        }
+        report = QAlignReport(
+            trace=QAlignTrace(**trace, chains_per_prompt=self.chains),
+            chosen=[[(k, r - b * self.chains) for k, r in per] for b, per in enumerate(picks)],
+            rewards=torch.stack([trace["rewards"][k, r] for k, r in chosen]),
+        )
         return Decoded(
             tokens=tokens.to(device),
             lengths=torch.tensor([len(s) for s in seqs], device=device),
             stopped=torch.tensor([bool(s) and s[-1] in stops for s in seqs], device=device),
             logprobs=logprobs.to(device),
             steps=self.steps,
-            extras=extras,
+            extras=report,
         )

@@ -27,7 +27,7 @@ the in-process policy (one cached forward pass per token, small beside the k * H
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -40,6 +40,7 @@ from .guides.lm import LMGuide
 from .guides.topk import TopKGuide, TopKGuideState
 from .loop import Decoded, decode
 from .options import TransferQOptions
+from .report import Report
 from .prompts import PromptBatch
 from .session import ModelSession
 from .settings import GenerationSettings
@@ -298,6 +299,19 @@ class TransferQGuide(TopKGuide):
 
 
 # -------------------------------------------------------------------------------------- the strategy
+@dataclass
+class TransferQReport(Report):
+    """One call of Transfer Q*: what the rollouts cost, and (per row, per step) the candidates' Q-values."""
+
+    rollouts: int  # rollouts generated (a stop candidate needs none)
+    rollout_tokens: int
+    reward_calls: int
+    reward_pairs: int  # (prompt, response) pairs scored
+    baseline_forward_tokens: int  # the baseline's token positions: its prefix cache and the rollouts
+    prior_forward_tokens: int  # the prior's token positions
+    trace: list[list[dict]]  # [rows][steps] the candidates, their Q-values (and rollouts when traced)
+
+
 class TransferQ(TokenStrategy):
     """Transfer Q*: steer the prior with Q-values from rollouts of an aligned baseline model.
 
@@ -442,8 +456,8 @@ class TransferQ(TokenStrategy):
         # alpha = 0 drops the guide (weight 0): no rollouts ran.
         accounting = states[0].accounting() if states else {
             "rollouts": 0, "rollout_tokens": 0, "reward_calls": 0, "reward_pairs": 0, "baseline_forward_tokens": 0}
-        out.extras.update(accounting)
-        out.sampled_tokens = out.total_sampled() + accounting["rollout_tokens"]
-        out.extras["prior_forward_tokens"] = session.forward_tokens
-        out.extras["trace"] = states[0].trace if states else [[] for _ in range(out.tokens.shape[0])]
+        out.extras = TransferQReport(
+            **accounting, prior_forward_tokens=session.forward_tokens,
+            trace=states[0].trace if states else [[] for _ in range(out.tokens.shape[0])])
+        out.sampled_tokens = out.total_sampled() + out.extras.rollout_tokens
         return out
