@@ -117,7 +117,7 @@ def test_truncated_arm_keeps_the_first_layers():
     model = truncate_layers(tiny_llama(64, layers=3, seed=76), 1)
     assert len(model.model.layers) == 1 and model.config.num_hidden_layers == 1
     model(input_ids=torch.tensor([[5, 6]]))
-    with pytest.raises(ValueError, match="layers must be between"):
+    with pytest.raises(ValueError, match=r"layers must be an integer in \[1, 1\], got 5"):
         truncate_layers(model, 5)
 
 
@@ -133,3 +133,38 @@ def test_bad_files_and_settings(tmp_path):
                         ({"max_length": 10, "max_prompt_length": 20}, "max_prompt_length")):
         with pytest.raises(ValueError, match=msg):
             ARMTrainingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"beta_r": True}, "beta_r must be a finite number > 0, got True"),
+    ({"beta_r": "0.1"}, "beta_r must be a finite number > 0, got '0.1'"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+    ({"epochs": True}, "epochs must be an integer >= 1, got True"),
+    ({"batch_size": "4"}, "batch_size must be an integer >= 1, got '4'"),
+    ({"grad_accum": 1.5}, "grad_accum must be an integer >= 1, got 1.5"),
+    ({"lora_r": True}, "lora_r must be an integer >= 0, got True"),
+    ({"label_smoothing": 0.7}, r"label_smoothing must be a number in \[0, 0.5\), got 0.7"),
+    ({"eval_fraction": float("nan")}, r"eval_fraction must be a number in \[0, 1\), got nan"),
+    ({"eval_fraction": "0.1"}, r"eval_fraction must be a number in \[0, 1\), got '0.1'"),
+])
+def test_config_refuses_bools_strings_and_non_finite_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ARMTrainingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": True}, "LoRA rank r must be an integer >= 1, got True"),
+    ({"r": "8"}, "LoRA rank r must be an integer >= 1, got '8'"),
+    ({"alpha": True}, "LoRA alpha must be a finite number > 0, got True"),
+    ({"alpha": "16"}, "LoRA alpha must be a finite number > 0, got '16'"),
+    ({"dropout": "0.1"}, r"LoRA dropout must be a number in \[0, 1\), got '0.1'"),
+])
+def test_lora_refuses_bools_and_strings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(torch.nn.Linear(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("layers", [True, "1", 1.0])
+def test_truncate_layers_refuses_bools_strings_and_floats(layers):
+    with pytest.raises(ValueError, match=r"layers must be an integer in \[1, 3\], got"):
+        truncate_layers(tiny_llama(64, layers=3, seed=76), layers)

@@ -49,9 +49,14 @@ def test_pick_pair_takes_best_and_worst_first_on_ties():
 @pytest.mark.parametrize("kwargs, message", [
     ({"samples": 1}, "samples must be an integer >= 2"),
     ({"temperature": 0.0}, "temperature must be a finite number > 0"),
-    ({"top_p": 1.5}, "top_p must be in"),
+    ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
     ({"min_margin": -1.0}, "min_margin must be a finite number >= 0"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ({"samples": True}, "samples must be an integer >= 2, got True"),
+    ({"max_rows": "64"}, "max_rows must be an integer >= 1, got '64'"),
+    ({"temperature": True}, "temperature must be a finite number > 0, got True"),
+    ({"min_margin": "0"}, "min_margin must be a finite number >= 0, got '0'"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 9223372036854775808\), got -1"),
 ])
 def test_preference_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -183,7 +188,7 @@ def test_train_arm_missing_model_and_used_output(policy, tmp_path):
     used.mkdir()
     (used / "config.json").write_text("{}")
     one_line_error(train(policy, prefs, used), "already exists and is not an empty folder")
-    one_line_error(train(policy, prefs, tmp_path / "arm", "--layers", 9), "layers must be between 1 and 2")
+    one_line_error(train(policy, prefs, tmp_path / "arm", "--layers", 9), "layers must be an integer in [1, 2], got 9")
     one_line_error(train(policy, prefs, tmp_path / "arm", "--layers", 0), "--layers must be an integer >= 1")
 
 

@@ -208,7 +208,7 @@ def test_logsigmoid_unknown_prompt_and_validation():
         t.score(["known", "stranger"], ["x", "x"])
     with pytest.raises(KeyError, match="fit_reference"):
         LogSigmoidTransform(a).score(["p"], ["x"])
-    with pytest.raises(ValueError, match=r"quantile must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"quantile must be a number in \[0, 1\], got 1.5"):
         LogSigmoidTransform(a, quantile=1.5)
     with pytest.raises(ValueError, match="statistic must be one of"):
         LogSigmoidTransform(a, statistic="max")
@@ -242,3 +242,19 @@ def test_docstring_examples_run():
     for module in (answers, base, constraints, function, offline):
         result = doctest.testmod(module, extraglobs=vars(rewards), verbose=False)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda a: WeightedSum([(a, True)]), "term 0's weight must be a finite number, got True"),
+    (lambda a: WeightedSum([(a, "2")]), "term 0's weight must be a finite number, got '2'"),
+    (lambda a: Clamp(a, low=True), "low must be a finite number, got True"),
+    (lambda a: Clamp(a, high="40"), "high must be a finite number, got '40'"),
+    (lambda a: LogSigmoidTransform(a, quantile=True), r"quantile must be a number in \[0, 1\], got True"),
+    (lambda a: LogSigmoidTransform(a, quantile="0.5"), r"quantile must be a number in \[0, 1\], got '0.5'"),
+    (lambda a: LogSigmoidTransform(a, quantile=float("nan")), r"quantile must be a number in \[0, 1\], got nan"),
+    (lambda a: LogSigmoidTransform(a, reference=True), "reference must be a finite number, got True"),
+    (lambda a: LogSigmoidTransform(a, reference={"p": "1"}), "reference level for prompt 'p' must be a finite number"),
+])
+def test_combinators_refuse_bools_and_strings(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(Table({"x": 1.0}))

@@ -85,7 +85,7 @@ def test_extract_option_custom_letters_and_bad_kind():
     assert extract_answer("answer: (D)", "option", options="ABCD") == "D"
     with pytest.raises(ValueError, match="options must be a non-empty string of capital letters"):
         extract_answer("x", "option", options="ab")
-    with pytest.raises(ValueError, match=r"kind must be one of \('number', 'option', 'boxed'\), got 'letter'"):
+    with pytest.raises(ValueError, match=r"kind must be one of number, option, boxed, got 'letter'"):
         extract_answer("x", "letter")
     with pytest.raises(TypeError, match="text must be a str"):
         extract_answer(3, "number")
@@ -137,3 +137,9 @@ def test_exact_match_errors():
     lookup = ExactMatchReward(lambda p: None)
     with pytest.raises(KeyError, match="gave None for prompt 'z'"):
         lookup.score(["z"], ["1"])
+
+
+@pytest.mark.parametrize("tolerance", [True, "0.1", float("nan"), float("inf"), -0.5])
+def test_exact_match_tolerance_refuses_bools_strings_and_non_finite(tolerance):
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0, got"):
+        ExactMatchReward({}, tolerance=tolerance)

@@ -102,6 +102,11 @@ def test_length_target_power_and_tokens():
         ({"target": 3, "unit": "tokens"}, "needs a tokenizer"),
         ({"target": 3, "scale": 0}, "scale must be a finite number > 0"),
         ({"target": 3, "power": float("inf")}, "power must be a finite number > 0"),
+        ({"target": True}, "target must be an integer >= 0 or None, got True"),
+        ({"target": "3"}, "target must be an integer >= 0 or None, got '3'"),
+        ({"min_length": True}, "min_length must be an integer >= 0 or None, got True"),
+        ({"target": 3, "scale": True}, "scale must be a finite number > 0, got True"),
+        ({"target": 3, "power": "2"}, "power must be a finite number > 0, got '2'"),
     ],
 )
 def test_length_validation(kwargs, message):

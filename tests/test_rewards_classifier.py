@@ -189,7 +189,7 @@ def test_constructor_validation(model, tok):
         ClassifierReward(model, tok, max_length=0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         ClassifierReward(model, tok, reduction="softmax")
-    with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
+    with pytest.raises(ValueError, match="truncation_side must be one of left, right, got 'middle'"):
         ClassifierReward(model, tok, truncation_side="middle")
     with pytest.raises(ValueError, match="dtype must be a torch.dtype"):
         ClassifierReward(model, tok, dtype="fp8")
@@ -219,3 +219,14 @@ def test_cuda_matches_cpu(tok):
     out = rm.score(PROMPTS, COMPLETIONS)
     assert out.device.type == "cpu"
     assert torch.allclose(out, cpu, atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+    ({"batch_size": "8"}, "batch_size must be an integer >= 1, got '8'"),
+    ({"max_length": True}, "max_length must be an integer >= 1 or None, got True"),
+    ({"max_length": "64"}, "max_length must be an integer >= 1 or None, got '64'"),
+])
+def test_constructor_refuses_bools_and_strings(model, tok, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClassifierReward(model, tok, **kwargs)

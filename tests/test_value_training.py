@@ -212,3 +212,15 @@ class _InfReward:
 def test_loading_a_folder_that_is_not_a_value_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="value_model.json"):
         load_value_model(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": True}, "steps must be an integer >= 1, got True"),
+    ({"batch_size": "8"}, "batch_size must be an integer >= 1, got '8'"),
+    ({"lr": True}, "lr must be a finite number > 0, got True"),
+    ({"lr": "1e-3"}, "lr must be a finite number > 0, got '1e-3'"),
+])
+def test_train_value_model_refuses_bools_and_strings(kwargs, message):
+    rollouts = Rollouts([[3, 4]], [[2]], torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=message):
+        train_value_model(new_value_model(_tiny_llama(VOCAB), "q"), rollouts, "q", **kwargs)

@@ -11,7 +11,6 @@ input fails in a second with one message; then it loads the policy, runs, saves 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,8 +20,12 @@ from .prompts_file import FORMATS, read_prompts
 from .results_file import ResultsFile
 from ..training.preferences import PreferenceSettings, sample_preferences
 from ..training.arm import ARMTrainingConfig
+from ..validation import AT_LEAST_ONE, POSITIVE, Bounds, check_choice
 
 Note = Callable[[str], None]
+
+_LAYERS = Bounds(ge=1, integer=True, allow_none=True)  # None: every layer of the policy
+_SEED = Bounds(ge=0, lt=2**63, integer=True)
 
 
 def _quiet(message: str) -> None:
@@ -36,8 +39,7 @@ def set_threads(threads: int | None) -> None:
 
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    AT_LEAST_ONE.check(threads, "--threads")
     torch.set_num_threads(threads)
 
 
@@ -90,8 +92,7 @@ class PreferenceJob:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.prompt_format not in FORMATS:
-            raise ValueError(f"--prompt-format must be one of {FORMATS}, got {self.prompt_format!r}")
+        check_choice(self.prompt_format, "--prompt-format", FORMATS)
         if Path(self.out).resolve() == Path(self.prompts).resolve():
             raise ValueError("--out is the prompt file; choose another output file")
 
@@ -156,9 +157,7 @@ class ARMJob:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int)
-                                        or self.layers < 1):
-            raise ValueError(f"--layers must be an integer >= 1, got {self.layers!r}")
+        _LAYERS.check(self.layers, "--layers", mention_none=False)
 
 
 def train_arm_job(job: ARMJob, note: Note = _quiet) -> dict:
@@ -217,21 +216,13 @@ class ValueSettings:
     def __post_init__(self):
         from ..training.value import KINDS
 
-        if self.kind not in KINDS:
-            raise ValueError(f"--kind must be one of {KINDS}, got {self.kind!r}")
+        check_choice(self.kind, "--kind", KINDS)
         for name in ("samples", "max_new_tokens", "steps", "batch_size", "max_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if self.layers is not None and (isinstance(self.layers, bool) or not isinstance(self.layers, int)
-                                        or self.layers < 1):
-            raise ValueError(f"--layers must be an integer >= 1, got {self.layers!r}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature must be a finite number > 0 (rollouts are sampled), got {self.temperature!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in [0, 2^63), got {self.seed!r}")
+            AT_LEAST_ONE.check(getattr(self, name), f"--{name.replace('_', '-')}")
+        _LAYERS.check(self.layers, "--layers", mention_none=False)
+        POSITIVE.check(self.temperature, "--temperature")  # rollouts are sampled: no greedy 0
+        POSITIVE.check(self.lr, "--lr")
+        _SEED.check(self.seed, "--seed")
 
 
 @dataclass
@@ -246,8 +237,7 @@ class ValueJob:
     device: str = "auto"
 
     def __post_init__(self):
-        if self.prompt_format not in FORMATS:
-            raise ValueError(f"--prompt-format must be one of {FORMATS}, got {self.prompt_format!r}")
+        check_choice(self.prompt_format, "--prompt-format", FORMATS)
 
 
 def train_value_job(job: ValueJob, note: Note = _quiet) -> dict:

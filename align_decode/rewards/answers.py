@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
+from ..validation import Bounds, check_choice
 from .base import SequenceReward
 
 ANSWER_KINDS = ("number", "option", "boxed")
@@ -172,15 +173,14 @@ def extract_answer(
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    check_choice(kind, "kind", ANSWER_KINDS)
     if kind == "number":
         return _extract_number(text, normalize)
     if kind == "boxed":
         return _extract_boxed(text, normalize)
-    if kind == "option":
-        if not options or not all(c.isalpha() and c.isupper() and len(c) == 1 for c in options):
-            raise ValueError(f"options must be a non-empty string of capital letters, got {options!r}")
-        return _extract_option(text, options)
-    raise ValueError(f"kind must be one of {ANSWER_KINDS}, got {kind!r}")
+    if not options or not all(c.isalpha() and c.isupper() and len(c) == 1 for c in options):
+        raise ValueError(f"options must be a non-empty string of capital letters, got {options!r}")
+    return _extract_option(text, options)
 
 
 def _as_decimal(ans: str) -> Decimal | None:
@@ -238,10 +238,8 @@ class ExactMatchReward(SequenceReward):
     def __init__(
         self, answers: AnswerKey, kind: str = "number", tolerance: float = 0.0, options: str = DEFAULT_OPTIONS
     ):
-        if kind not in ANSWER_KINDS:
-            raise ValueError(f"kind must be one of {ANSWER_KINDS}, got {kind!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0 and tolerance != float("inf")):
-            raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+        check_choice(kind, "kind", ANSWER_KINDS)
+        Bounds(ge=0).check(tolerance, "tolerance")
         if not (isinstance(answers, Mapping) or callable(answers)):
             raise TypeError(f"answers must be a dict prompt -> answer or a callable, got {type(answers).__name__}")
         extract_answer("", kind, options=options)  # validates options up front

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AlignDecodeWarning
+from ..validation import AT_LEAST_ONE, Bounds, check_choice
 from .base import SequenceReward
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -116,16 +117,10 @@ class ClassifierReward(SequenceReward):
                 f"tokenizer must be a transformers tokenizer or a local folder, got {type(tokenizer).__name__}"
             )
 
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_length is not None and (
-            not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1
-        ):
-            raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
-        if truncation_side not in ("left", "right"):
-            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
-        if reduction not in self.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {self.REDUCTIONS}, got {reduction!r}")
+        AT_LEAST_ONE.check(batch_size, "batch_size")
+        Bounds(ge=1, integer=True, allow_none=True).check(max_length, "max_length")
+        check_choice(truncation_side, "truncation_side", ("left", "right"))
+        check_choice(reduction, "reduction", self.REDUCTIONS)
         if not isinstance(separator, str):
             raise TypeError(f"separator must be a str, got {type(separator).__name__}")
 

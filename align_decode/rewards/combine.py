@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..validation import FINITE, PROBABILITY, check_choice
 from .base import SequenceReward
 
 
@@ -19,12 +18,6 @@ def _check_reward(reward, where: str) -> SequenceReward:
             f"{where} must be a SequenceReward, got {type(reward).__name__} (wrap functions in CallableReward)"
         )
     return reward
-
-
-def _check_finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class WeightedSum(SequenceReward):
@@ -55,7 +48,7 @@ class WeightedSum(SequenceReward):
                 raise TypeError(f"WeightedSum term {i} must be a (reward, weight) pair, got {term!r}")
             reward, weight = term
             reward = _check_reward(reward, f"term {i}'s reward")
-            self.terms.append((reward, _check_finite(weight, f"term {i}'s weight")))
+            self.terms.append((reward, FINITE.check(weight, f"term {i}'s weight")))
         self.name = name or " + ".join(f"{w:g}*{r.name}" for r, w in self.terms)
 
     def _score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
@@ -83,8 +76,8 @@ class Clamp(SequenceReward):
 
     def __init__(self, reward: SequenceReward, low: float | None = None, high: float | None = None):
         self.reward = _check_reward(reward, "reward")
-        self.low = None if low is None else _check_finite(low, "low")
-        self.high = None if high is None else _check_finite(high, "high")
+        self.low = None if low is None else FINITE.check(low, "low")
+        self.high = None if high is None else FINITE.check(high, "high")
         if self.low is None and self.high is None:
             raise ValueError("Clamp needs low and/or high")
         if self.low is not None and self.high is not None and self.low > self.high:
@@ -138,20 +131,16 @@ class LogSigmoidTransform(SequenceReward):
     def __init__(self, reward: SequenceReward, reference: float | Mapping[str, float] | None = None,
                  statistic: str = "quantile", quantile: float = 0.5):
         self.reward = _check_reward(reward, "reward")
-        if statistic not in self.STATISTICS:
-            raise ValueError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
-        q = _check_finite(quantile, "quantile")
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+        check_choice(statistic, "statistic", self.STATISTICS)
         self.statistic = statistic
-        self.quantile = q
+        self.quantile = PROBABILITY.check(quantile, "quantile")
         self.default_reference: float | None = None
         self.reference: dict[str, float] = {}
         if isinstance(reference, Mapping):
             for prompt, value in reference.items():
-                self.reference[prompt] = _check_finite(value, f"reference level for prompt {prompt[:60]!r}")
+                self.reference[prompt] = FINITE.check(value, f"reference level for prompt {prompt[:60]!r}")
         elif reference is not None:
-            self.default_reference = _check_finite(reference, "reference")
+            self.default_reference = FINITE.check(reference, "reference")
         self.name = f"logsigmoid({reward.name})"
 
     def fit_reference(

@@ -8,21 +8,11 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..validation import POSITIVE, Bounds, check_choice
 from .base import SequenceReward
 
 
-def _check_length(name: str, value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+_LENGTH = Bounds(ge=0, integer=True, allow_none=True)
 
 
 class LengthReward(SequenceReward):
@@ -57,22 +47,21 @@ class LengthReward(SequenceReward):
 
     def __init__(self, target: int | None = None, min_length: int | None = None, max_length: int | None = None,
                  unit: str = "words", scale: float = 1.0, power: float = 1.0, tokenizer=None):
-        self.target = _check_length("target", target)
-        self.min_length = _check_length("min_length", min_length)
-        self.max_length = _check_length("max_length", max_length)
+        self.target = _LENGTH.check(target, "target")
+        self.min_length = _LENGTH.check(min_length, "min_length")
+        self.max_length = _LENGTH.check(max_length, "max_length")
         if self.target is None and self.min_length is None and self.max_length is None:
             raise ValueError("LengthReward needs target, or min_length and/or max_length")
         if self.target is not None and (self.min_length is not None or self.max_length is not None):
             raise ValueError("give either target or min_length/max_length, not both")
         if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
             raise ValueError(f"min_length ({self.min_length}) must be <= max_length ({self.max_length})")
-        if unit not in self.UNITS:
-            raise ValueError(f"unit must be one of {self.UNITS}, got {unit!r}")
+        check_choice(unit, "unit", self.UNITS)
         if unit == "tokens" and tokenizer is None:
             raise ValueError("unit='tokens' needs a tokenizer")
         self.unit = unit
-        self.scale = _check_positive("scale", scale)
-        self.power = _check_positive("power", power)
+        self.scale = POSITIVE.check(scale, "scale")
+        self.power = POSITIVE.check(power, "power")
         self.tokenizer = tokenizer
 
     def lengths(self, completions: Sequence[str]) -> list[int]:
@@ -173,8 +162,7 @@ class RegexReward(SequenceReward):
     MODES = ("search", "fullmatch")
 
     def __init__(self, pattern: str | re.Pattern, mode: str = "search", flags: int = 0, strip: bool = True):
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        check_choice(mode, "mode", self.MODES)
         if isinstance(pattern, re.Pattern):
             if flags:
                 raise ValueError("flags cannot be given with an already compiled pattern")

@@ -17,7 +17,6 @@ that `ARM(...)` loads directly.
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..validation import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Bounds, check_choice
 from .lora import add_lora, merge_lora
 
 LOSS_TYPES = ("sigmoid", "hinge")
@@ -63,22 +63,16 @@ class ARMTrainingConfig:
     chat_template: bool = True
 
     def __post_init__(self):
-        checks = [
-            (self.beta_r > 0 and math.isfinite(self.beta_r), "beta_r must be a finite number > 0"),
-            (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
-            (self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}"),
-            (self.lr > 0, "lr must be > 0"),
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
-            (isinstance(self.grad_accum, int) and self.grad_accum >= 1, "grad_accum must be an integer >= 1"),
-            (self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
-             "need 1 <= max_prompt_length < max_length"),
-            (isinstance(self.lora_r, int) and self.lora_r >= 0, "lora_r must be an integer >= 0 (0: full fine-tuning)"),
-            (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        POSITIVE.check(self.beta_r, "beta_r")
+        Bounds(ge=0, lt=0.5).check(self.label_smoothing, "label_smoothing")
+        check_choice(self.loss_type, "loss_type", LOSS_TYPES)
+        POSITIVE.check(self.lr, "lr")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "max_prompt_length"):
+            AT_LEAST_ONE.check(getattr(self, name), name)
+        if not self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        NON_NEGATIVE_INT.check(self.lora_r, "lora_r")  # 0: full fine-tuning
+        Bounds(ge=0, lt=1).check(self.eval_fraction, "eval_fraction")
 
 
 def load_preferences(path: str | Path) -> list[dict]:
@@ -147,8 +141,7 @@ def response_logprobs(model, sequences: Sequence[tuple[list[int], int]], pad_id:
 def truncate_layers(model, layers: int):
     """Keep the first `layers` transformer blocks (a small ARM that starts from the policy's weights)."""
     blocks = model.model.layers
-    if not 1 <= layers <= len(blocks):
-        raise ValueError(f"layers must be between 1 and {len(blocks)}, got {layers}")
+    Bounds(ge=1, le=len(blocks), integer=True).check(layers, "layers")
     model.model.layers = blocks[:layers]
     model.config.num_hidden_layers = layers
     if getattr(model.config, "layer_types", None):

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..validation import AT_LEAST_ONE, POSITIVE, Bounds
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -27,12 +29,9 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be an integer >= 1, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        AT_LEAST_ONE.check(r, "LoRA rank r")
+        POSITIVE.check(alpha, "LoRA alpha")
+        Bounds(ge=0, lt=1).check(dropout, "LoRA dropout")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)

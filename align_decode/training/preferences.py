@@ -26,6 +26,7 @@ from ..decoding.candidates import completion_ids, sample_candidates, score_compl
 from ..decoding.prompts import PromptBatch, left_pad
 from ..decoding.settings import GenerationSettings
 from ..decoding.strategy import Policy, Sample
+from ..validation import AT_LEAST_ONE, NON_NEGATIVE_INT, POSITIVE, Bounds
 
 
 @dataclass(frozen=True)
@@ -43,24 +44,15 @@ class PreferenceSettings:
     seed: int = 0
 
     def __post_init__(self):
-        def integer(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-        integer("samples", 2)  # one sample cannot be paired with anything
-        integer("max_new_tokens", 1)
-        integer("top_k", 0)
-        integer("batch_size", 1)
-        integer("max_rows", 1)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0 (pairs are sampled), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (math.isfinite(self.min_margin) and self.min_margin >= 0):
-            raise ValueError(f"min_margin must be a finite number >= 0, got {self.min_margin!r}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {self.seed!r}")
+        Bounds(ge=2, integer=True).check(self.samples, "samples")  # one sample cannot be paired with anything
+        AT_LEAST_ONE.check(self.max_new_tokens, "max_new_tokens")
+        NON_NEGATIVE_INT.check(self.top_k, "top_k")
+        AT_LEAST_ONE.check(self.batch_size, "batch_size")
+        AT_LEAST_ONE.check(self.max_rows, "max_rows")
+        POSITIVE.check(self.temperature, "temperature")  # pairs are sampled: no greedy 0
+        Bounds(gt=0, le=1).check(self.top_p, "top_p")
+        Bounds(ge=0).check(self.min_margin, "min_margin")
+        Bounds(ge=0, lt=2**63, integer=True).check(self.seed, "seed")
 
 
 def pick_pair(rewards: Sequence[float], texts: Sequence[str], min_margin: float = 0.0) -> tuple[int, int] | None:

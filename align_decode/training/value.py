@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,21 +38,10 @@ from ..decoding.settings import GenerationSettings
 from ..decoding.strategy import Policy, Sample
 from ..kernels import derive_seeds
 from ..decoding.guides.value import QValueModel, ScalarValueModel, _PerPositionValues
+from ..validation import AT_LEAST_ONE, POSITIVE, check_choice
 
 KINDS = ("q", "scalar")
 VALUE_CONFIG = "value_model.json"
-
-
-def _check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return kind
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 # -------------------------------------------------------------------------------------- rollouts
@@ -94,7 +82,7 @@ def sample_rollouts(
     and score them with the reward (token ids if it has `score_ids`, else text).
 
     prompts: token id lists, or strings (encoded with the tokenizer, no special tokens added)."""
-    _positive_int(samples_per_prompt, "samples_per_prompt")
+    AT_LEAST_ONE.check(samples_per_prompt, "samples_per_prompt")
     if not prompts:
         raise ValueError("sample_rollouts needs at least one prompt")
     if isinstance(prompts[0], str):
@@ -176,7 +164,7 @@ def prefix_values(model, kind: str, prompt_ids: Sequence[Sequence[int]], respons
 
     Sequences are right padded (a causal model's earlier positions never see the padding) and the
     default positions 0..L-1 are then each token's true position."""
-    _check_kind(kind)
+    check_choice(kind, "kind", KINDS)
     device = next(model.parameters()).device
     seqs = [list(p) + list(r) for p, r in zip(prompt_ids, responses)]
     width = max(len(s) for s in seqs)
@@ -226,7 +214,7 @@ def new_value_model(policy=None, kind: str = "q", config=None, zero_head: bool =
     model with one output. zero_head starts every value at 0."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _check_kind(kind)
+    check_choice(kind, "kind", KINDS)
     if policy is None and config is None:
         raise ValueError("new_value_model needs the policy (to copy) or a config (to start fresh)")
     if kind == "q":
@@ -262,11 +250,10 @@ def train_value_model(
     """Minimise fudge_loss over the rollouts with AdamW on shuffled minibatches of distinct responses
     (see group_rollouts; batch_size counts distinct responses). Returns the losses; the model ends in
     eval mode."""
-    _check_kind(kind)
-    _positive_int(steps, "steps")
-    _positive_int(batch_size, "batch_size")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_choice(kind, "kind", KINDS)
+    AT_LEAST_ONE.check(steps, "steps")
+    AT_LEAST_ONE.check(batch_size, "batch_size")
+    POSITIVE.check(lr, "lr")
     if len(rollouts) == 0:
         raise ValueError("no rollouts to train on")
     usable = [i for i, r in enumerate(rollouts.responses) if r]
@@ -333,7 +320,7 @@ def train_cd_fudge(
         >>> result = train_cd_fudge(policy, tok, prompts, SentimentReward(), "out/value", steps=300)
         >>> cd = TokenwiseCD(load_value_model("out/value"), strength=2.0)
     """
-    _check_kind(kind)
+    check_choice(kind, "kind", KINDS)
     rollouts = sample_rollouts(policy, tokenizer, prompts, reward, samples_per_prompt=samples_per_prompt,
                                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, max_rows=max_rows)
     model = value_model if value_model is not None else new_value_model(
@@ -352,7 +339,7 @@ def train_cd_fudge(
 
 def save_value_model(model, output_dir, kind: str, tokenizer=None, info: dict | None = None) -> Path:
     """save_pretrained the model (and tokenizer) into output_dir, with value_model.json saying its kind."""
-    _check_kind(kind)
+    check_choice(kind, "kind", KINDS)
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -371,7 +358,7 @@ def load_value_model(path, tokenizer=None, *, k: int = 10, device=None, dtype=No
     info_file = path / VALUE_CONFIG
     if not info_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no {VALUE_CONFIG}: not a value model saved by align-decode")
-    kind = _check_kind(json.loads(info_file.read_text()).get("kind"))
+    kind = check_choice(json.loads(info_file.read_text()).get("kind"), "kind", KINDS)
     if tokenizer is None and (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     loader = AutoModelForCausalLM if kind == "q" else AutoModelForSequenceClassification
