@@ -111,16 +111,35 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     )
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """AutoTokenizer.from_pretrained(path), also for a folder saved by a newer transformers.
+
+    transformers 5 saves fast tokenizers as `"tokenizer_class": "TokenizersBackend"`, a class that 4.x
+    does not know (the default model's cache, converted once, is shared by every environment). Its
+    tokenizer.json holds the whole tokenizer, which 4.x's PreTrainedTokenizerFast reads as it is, giving
+    the inputs transformers 5 gives: input_ids and attention_mask, without the token_type_ids that 4.x's
+    class adds by default and a Llama's model.generate() refuses.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except ValueError as e:
+        if "does not exist or is not currently imported" not in str(e) or not (Path(path) / "tokenizer.json").is_file():
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(path, model_input_names=["input_ids", "attention_mask"])
+
+
 def load_model(name_or_path=None, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a local folder, in eval mode on `device` with `dtype`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     return model, tokenizer
 

@@ -184,3 +184,37 @@ def test_eos_from_tokenizer_and_model_config(model):
     stopped = out.alignment["stopped"]
     if bool(stopped[0]):
         assert out.sequences[0, 2 + int(lengths[0]) - 1] == EOS
+
+
+def test_all_zero_token_type_ids_from_a_tokenizer_are_accepted(model):
+    # transformers 4.x tokenizers built on PreTrainedTokenizerFast return all-zero token_type_ids by
+    # default, so generate(**tok(...)) passes them: one segment, nothing changes for a decoder-only model.
+    tok = tiny_tokenizer(64)
+    inputs = tok(["w1 w2 w3", "w4"], return_tensors="pt", padding=True, return_token_type_ids=True)
+    assert "token_type_ids" in inputs and not bool(inputs["token_type_ids"].any())
+    kwargs = {"max_new_tokens": 4, "do_sample": True, "seed": 3}
+    ref = AlignedModel(model, tokenizer=tok).generate(input_ids=inputs["input_ids"],
+                                                      attention_mask=inputs["attention_mask"], **kwargs)
+    assert torch.equal(AlignedModel(model, tokenizer=tok).generate(**inputs, **kwargs), ref)
+    ids, mask = _batch()
+    out = AlignedModel(model).generate(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                                       max_new_tokens=3)
+    assert torch.equal(out, AlignedModel(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=3))
+
+
+def test_token_type_ids_that_would_change_the_output_are_refused(model):
+    ids, mask = _batch()
+    segments = torch.zeros_like(ids)
+    segments[0, -1] = 1
+    with pytest.raises(ValueError, match="token_type_ids with a non-zero segment id is not supported"):
+        AlignedModel(model).generate(input_ids=ids, attention_mask=mask, token_type_ids=segments, max_new_tokens=2)
+    with pytest.raises(ValueError, match="token_type_ids must have input_ids' shape"):
+        AlignedModel(model).generate(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros(3, 2),
+                                     max_new_tokens=2)
+    # GPT-2's forward embeds segment ids (even zeros shift its output), so dropping them is not a no-op.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    with pytest.raises(ValueError, match="GPT2LMHeadModel: its forward embeds segment ids"):
+        AlignedModel(gpt2).generate(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                                    max_new_tokens=2)

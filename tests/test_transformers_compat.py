@@ -63,3 +63,23 @@ def test_a_real_model_is_called_without_any_deprecated_cache_name(caplog):
     deprecated += [r.getMessage() for r in caplog.records if "past_key_values" in r.getMessage()]
     assert not deprecated, deprecated
     assert cache_kwarg(model) == _library_name()
+
+
+def test_a_tokenizer_folder_saved_by_transformers_5_loads_under_any_version(tmp_path):
+    # transformers 5 writes "tokenizer_class": "TokenizersBackend" (e.g. into the default model's cache,
+    # shared by every environment); 4.x does not know that class and reads the folder's tokenizer.json.
+    import json
+
+    from align_decode.models import load_tokenizer
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(64)
+    tok.save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "TokenizersBackend"
+    config_file.write_text(json.dumps(config))
+    loaded = load_tokenizer(tmp_path)
+    assert loaded("w1 w2 w3")["input_ids"] == tok("w1 w2 w3")["input_ids"]
+    assert "token_type_ids" not in loaded("w1 w2 w3")  # as transformers 5 loads it: model.generate() takes it
+    assert loaded.eos_token == tok.eos_token and loaded.pad_token == tok.pad_token
