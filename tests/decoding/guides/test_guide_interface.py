@@ -14,7 +14,7 @@ from align_decode.decoding.guides import Guide, GuideContext
 from align_decode.decoding.guides.base import as_guides
 from tiny import EOS, PAD, tiny_llama64, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE = ROOT / "examples" / "token_bonus.py"
 
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
 
-from test_vllm_plugin import engine_env, guided, hf_greedy, shutdown  # noqa: E402
+from test_processor import engine_env, guided, hf_greedy, shutdown  # noqa: E402
 from vllm_support import load, save_models  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -14,7 +14,7 @@ import pytest
 
 from test_cli import read_lines, save_model, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT_COUNT = 200
 # One thread per child: on a shared 2-core machine, torch's thread pool fighting other jobs makes a tiny
 # model several times slower, and the test only needs the run to take a few seconds.

@@ -31,7 +31,7 @@ from align_decode.errors import AlignDecodeWarning
 from align_decode.kernels import SamplingRows, sample_next
 from align_decode.kernels.reference import mix_and_sample_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 NEG_INF = float("-inf")

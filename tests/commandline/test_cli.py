@@ -387,7 +387,7 @@ def test_config_file_sets_options_and_flags_override(models, prompts, tmp_path, 
 
 
 def test_the_example_config_and_prompt_files_run(models, tmp_path):
-    examples = Path(__file__).resolve().parents[1] / "examples"
+    examples = Path(__file__).resolve().parents[2] / "examples"
     out = tmp_path / "out.jsonl"
     result = invoke("run", "--config", examples / "genarm.toml", "--model", models["policy"],
                     "--prompts", examples / "prompts.jsonl", "--out", out, "--max-new-tokens", 2, "--quiet")
