@@ -45,7 +45,7 @@ from .commandline.console import Console
 from .commandline.methods import click_options, describe_methods, method_flags
 from .commandline.prompts_file import FORMATS
 from .commandline.results_file import encode_line
-from .commandline.run import RunConfig, RunFailure, Terminated, Run
+from .commandline.run import RunOptions, RunFailure, Terminated, Run
 from .errors import AlignDecodeWarning
 
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -89,9 +89,9 @@ def _apply(command, options):
 
 
 def _run_options(command):
-    """The run command's flags, made from RunConfig's declarations."""
+    """The run command's flags, made from RunOptions's declarations."""
     options = []
-    for spec in RunConfig.specs():
+    for spec in RunOptions.specs():
         if not spec.cli:
             continue
         names = [spec.flag, *_OTHER_FLAGS.get(spec.name, []), spec.name]
@@ -135,12 +135,12 @@ def run_command(ctx: click.Context, **_):
         given = apply_config(ctx, p["config"])
         debug = p["debug"]  # the config may set it too
         console = Console(quiet=p["quiet"])
-        config = RunConfig(
-            **{spec.name: p[spec.name] for spec in RunConfig.specs() if spec.cli},
+        options = RunOptions(
+            **{spec.name: p[spec.name] for spec in RunOptions.specs() if spec.cli},
             method_values={name: p[name] for name in method_flags()},
             given=given,
         )
-        job = Run(config, console)  # every check: nothing heavy is imported before this passes
+        job = Run(options, console)  # every check: nothing heavy is imported before this passes
         try:
             with _library_output(console, verbose=p["verbose"] or debug):
                 summary = job.generate()

