@@ -10,14 +10,15 @@ Every method flag is checked before any model loads: a flag the method does not 
 silently ignored --beta would be a wrong experiment), and a value out of range is refused naming the
 flag as typed (`--beta must be a finite number > 0, got -1.0`).
 
-Adding a method (its options dataclass in `decoding.options`, its strategy in `decoding/`):
+Adding a method, e.g. the README's worked example `KeywordSteer` (examples/token_bonus.py) once it is a
+module of `decoding/` with its options declared as `KeywordSteerOptions` in `decoding.options`:
 
-    def _build_mymethod(args: MethodArgs, ctx: BuildContext):
-        from ..decoding.my_method import MyMethod
-        return MyMethod(ctx.reward, **args.options.values())
+    def _build_keyword_steer(args: MethodArgs, ctx: BuildContext):
+        from ..decoding.keyword_steer import KeywordSteer
+        return KeywordSteer(**args.options.values())
 
-    register_method(Method("my_method", "one line for `align-decode methods`", _build_mymethod,
-                           options=MyMethodOptions, needs_reward=True))
+    register_method(Method("keyword_steer", "a fixed bonus on chosen tokens", _build_keyword_steer,
+                           options=KeywordSteerOptions))
 
 `--engine vllm` sends a method's sampling to a vLLM engine (built once per run, on the folder the
 method names through `ctx.engine()`); a method lists the engines it runs on in `engines`, and sets

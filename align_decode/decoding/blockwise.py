@@ -133,7 +133,7 @@ class BlockwiseCD(Strategy):
         context = GuideContext(rows_batch, width, settings, seeds, policy.tokenizer, session)
         states = [g.start(context) for g in guides]
         streams = candidate_streams(seeds, k)  # [R, K]
-        rows = _Rows(batch.size * n)
+        rows = _Responses(batch.size * n)
         live = torch.arange(batch.size * n)  # original row of each session row
         blocks = sampled = 0
         while cap > 0 and live.numel():
@@ -144,7 +144,7 @@ class BlockwiseCD(Strategy):
             w = torch.tensor(weights, dtype=torch.float32, device=device).expand(fork.numel(), len(weights))
             out = decode(
                 session, logits[fork], states, w if guides else None,
-                rows=settings.rows(streams[live.to(device)].reshape(-1), temperature),
+                sampling=settings.sampling_rows(streams[live.to(device)].reshape(-1), temperature),
                 max_new_tokens=(cap - done).clamp(max=self.block_size).repeat_interleave(k).to(device),
                 stop_ids=settings.stop_ids, pad_id=settings.pad_id,
                 step_offset=done.repeat_interleave(k).to(device),  # token t of a row draws at step t
@@ -188,7 +188,7 @@ def _select(session, states, index: torch.Tensor) -> None:
         s.select(index)
 
 
-class _Rows:
+class _Responses:
     """Each output row's response so far, block by block."""
 
     def __init__(self, count: int):

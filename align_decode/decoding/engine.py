@@ -46,7 +46,7 @@ class Completion:
 
 
 @dataclass
-class Sampled:
+class EngineOutput:
     """The result of one `generate` call.
 
     completions: [prefix][draw], n draws per prefix, in the order the prefixes came in.
@@ -59,14 +59,14 @@ class Sampled:
     forward_tokens: int = 0
     cached_tokens: int = 0
 
-    def rows(self) -> list[Completion]:
+    def flat(self) -> list[Completion]:
         """Every completion, prefix-major (prefix 0's n draws, then prefix 1's, ...)."""
         return [c for per_prefix in self.completions for c in per_prefix]
 
     def decoded(self, pad_id: int, device=None) -> Decoded:
         """The completions as the decoding loop lays rows out (prefix-major). Log-probs the engine did not
         report are NaN (unknown), and 0 after each row's end as the loop's are."""
-        rows = self.rows()
+        rows = self.flat()
         width = max((len(c.tokens) for c in rows), default=0)
         tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
         logprobs = torch.zeros(len(rows), width)
@@ -128,7 +128,7 @@ class SamplingEngine(ABC):
         settings: GenerationSettings,
         seeds: Sequence[int] | torch.Tensor,
         n: int = 1,
-    ) -> Sampled:
+    ) -> EngineOutput:
         """n continuations of each prefix (token ids), each of at most its max_tokens tokens (one limit,
         or one per prefix; 0 gives empty continuations) and ending at the first of settings.stop_ids,
         drawn as settings say (greedy, or temperature / top_k / top_p / min_p), prefix i from seeds[i]."""

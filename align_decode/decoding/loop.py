@@ -72,7 +72,7 @@ def decode(
     guides: Sequence[GuideState] = (),
     weights: torch.Tensor | None = None,
     *,
-    rows: SamplingRows,
+    sampling: SamplingRows,
     max_new_tokens: int | torch.Tensor,
     stop_ids: Sequence[int] | torch.Tensor = (),
     pad_id: int = 0,
@@ -88,6 +88,7 @@ def decode(
     streamer: put(tokens [B]) each step and end() at the end, as transformers' streamers take them.
     progress: progress("step", t, max_new_tokens) after each step, for a progress display.
     logits: the policy's next-token logits [B, V] for the sessions' current prefixes.
+    sampling: each row's sampling settings (temperature, truncation, greedy or seeded draw).
     max_new_tokens: one limit, or one per row ([B]); a row that reaches its limit ends unstopped.
     weights: [B, R], one weight per guide per row.
     step_offset: the random-stream step of each row's first token ([B] or an int).
@@ -135,7 +136,7 @@ def decode(
             logits,
             [g.next_scores(logits) for g in guides],
             weights,
-            rows,
+            sampling,
             step=offset + t,
             return_logprobs=output_scores,
         )
@@ -171,7 +172,7 @@ def decode(
             policy.select(keep)
             for g in guides:
                 g.select(keep)
-            rows = rows.select(keep)
+            sampling = sampling.select(keep)
             weights = None if weights is None else weights[keep]
             offset, live, new = offset[keep], live[keep], new[keep]
             done = done[keep]

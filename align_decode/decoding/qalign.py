@@ -206,9 +206,9 @@ class QAlign(Strategy):
         cap = settings.max_new_tokens
 
         def draw(session, logits, step_seeds, budget):
-            suffix_rows = settings.rows(derive_seeds(step_seeds, _SUFFIX).to(device))
+            suffix_rows = settings.sampling_rows(derive_seeds(step_seeds, _SUFFIX).to(device))
             # "park": finished rows leave the batch but keep their caches for the next step.
-            return decode(session, logits, rows=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
+            return decode(session, logits, sampling=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
                           pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True,
                           progress=settings.progress)
 

@@ -170,7 +170,7 @@ class GenerationSettings:
         index = torch.arange(self.row_offset, self.row_offset + n).repeat(prompts)
         return derive_seeds(base.repeat_interleave(n), index).to(device)
 
-    def rows(self, seeds: torch.Tensor, temperature: float | torch.Tensor | None = None) -> SamplingRows:
+    def sampling_rows(self, seeds: torch.Tensor, temperature: float | torch.Tensor | None = None) -> SamplingRows:
         """Per-row sampling settings for rows with these seeds."""
         t = self.temperature if temperature is None else temperature
         return SamplingRows.build(

@@ -121,7 +121,7 @@ class TokenStrategy(Strategy):
             logits,
             states,
             w if guides else None,
-            rows=settings.rows(seeds, temperature),
+            sampling=settings.sampling_rows(seeds, temperature),
             max_new_tokens=settings.max_new_tokens,
             stop_ids=settings.stop_ids,
             pad_id=settings.pad_id,

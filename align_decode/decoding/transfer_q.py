@@ -233,7 +233,7 @@ class TransferQGuide(TopKGuide):
             sampling = SamplingRows.build(
                 fork.batch_size, temperature=self.rollout_temperature, greedy=greedy, seed=seeds[sl], device=dev
             )
-            done = decode(fork, logits, rows=sampling, max_new_tokens=limits[sl].to(dev),
+            done = decode(fork, logits, sampling=sampling, max_new_tokens=limits[sl].to(dev),
                           stop_ids=settings.stop_ids, pad_id=settings.pad_id)
             state.rollout_forward_tokens += fork.forward_tokens
             # decode drops finished rows from the fork as it goes; its output keeps every row, in order.
@@ -249,7 +249,7 @@ class TransferQGuide(TopKGuide):
         starts = [prefixes[r] + [t] for r, t in zip(rows.tolist(), first.tolist())]
         sampled = self.engine.generate(starts, limits, sampling, seeds)
         state.rollout_forward_tokens += sampled.forward_tokens
-        return [c.tokens for c in sampled.rows()]
+        return [c.tokens for c in sampled.flat()]
 
     def _score(self, reward, state: TransferQState, rows: list[int], completions: list[list[int]]) -> torch.Tensor:
         prompt_texts = None if state.prompt_texts is None else [state.prompt_texts[b] for b in rows]

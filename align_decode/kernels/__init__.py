@@ -4,4 +4,11 @@ from .dispatch import sample_next
 from .reference import SampleOutput, mix_scores
 from .rows import SamplingRows, derive_seeds, row_uniform
 
-__all__ = ["sample_next", "SampleOutput", "SamplingRows", "mix_scores", "derive_seeds", "row_uniform"]
+__all__ = [
+    "SampleOutput",
+    "SamplingRows",
+    "derive_seeds",
+    "mix_scores",
+    "row_uniform",
+    "sample_next",
+]

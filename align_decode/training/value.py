@@ -47,7 +47,7 @@ VALUE_CONFIG = "value_model.json"
 # -------------------------------------------------------------------------------------- rollouts
 @dataclass
 class Rollouts:
-    """Sampled responses and their rewards: the CD-FUDGE training set."""
+    """EngineOutput responses and their rewards: the CD-FUDGE training set."""
 
     prompt_ids: list[list[int]]  # [N] prompt tokens of each response
     responses: list[list[int]]  # [N] response tokens (the stop token included when it ended on one)

@@ -94,7 +94,7 @@ def test_weight_zero_or_one_candidate_gives_the_policy():
     one = AlignedModel(policy, strategy=ARGS(IdsReward(), weight=5.0, k=1)).generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=2.0, seed=[1, 2])
     assert torch.equal(one, greedy)
-    # Sampled with w = 0: top-k sampling from the tempered policy.
+    # EngineOutput with w = 0: top-k sampling from the tempered policy.
     out = AlignedModel(policy, strategy=args).generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True, temperature=0.7, seed=[1, 2],
         return_dict_in_generate=True, output_scores=True)

@@ -129,7 +129,7 @@ def test_parked_rows_come_back_in_order_ready_to_continue():
     prompts = [[5, 6], [7], [8, 9, 10], [11]]
     s = ModelSession(model)
     logits = s.prefill(*left_pad(prompts, PAD))
-    out = decode(s, logits, rows=SamplingRows.build(4, seed=torch.arange(4)), max_new_tokens=torch.tensor([2, 5, 1, 4]),
+    out = decode(s, logits, sampling=SamplingRows.build(4, seed=torch.arange(4)), max_new_tokens=torch.tensor([2, 5, 1, 4]),
                  pad_id=PAD, prune_finished="park")
     assert out.lengths.tolist() == [2, 5, 1, 4]
     nxt = s.step(torch.tensor([3, 3, 3, 3]))

@@ -25,7 +25,7 @@ import torch
 
 from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, TransferQ
 from align_decode.decoding import Policy, PromptBatch, decode, left_pad
-from align_decode.serving.engines import Completion, EnginePolicy, SamplingEngine, Sampled, engine_generate
+from align_decode.serving.engines import Completion, EnginePolicy, SamplingEngine, EngineOutput, engine_generate
 from align_decode.decoding.engine import as_budgets, as_seeds
 from align_decode.decoding.vocab import output_width
 from align_decode.rewards import SequenceReward
@@ -71,7 +71,7 @@ class LoopEngine(SamplingEngine):
         rows = [(list(p), m, s + j) for p, m, s in zip(prefixes, budgets, seeds) for j in range(n)]
         batch = PromptBatch(*left_pad([p for p, _, _ in rows], settings.pad_id))
         session, logits = Policy(self.model).start(batch)
-        out = decode(session, logits, rows=settings.rows(torch.tensor([s for _, _, s in rows])),
+        out = decode(session, logits, sampling=settings.sampling_rows(torch.tensor([s for _, _, s in rows])),
                      max_new_tokens=torch.tensor([m for _, m, _ in rows]), stop_ids=settings.stop_ids,
                      pad_id=settings.pad_id)
         done = []
@@ -79,7 +79,7 @@ class LoopEngine(SamplingEngine):
             length = int(out.lengths[i])
             done.append(Completion(out.tokens[i, :length].tolist(), bool(out.stopped[i]),
                                    out.logprobs[i, :length].tolist(), seed))
-        return Sampled([done[i * n:(i + 1) * n] for i in range(len(prefixes))], session.forward_tokens)
+        return EngineOutput([done[i * n:(i + 1) * n] for i in range(len(prefixes))], session.forward_tokens)
 
 
 def generate(model, strategy, prompts, **kw):
@@ -255,7 +255,7 @@ def test_best_of_n_draws_n_seeded_candidates_and_returns_the_first_best(engine):
         assert len(cands) == 6 and seeds == [seeds[0] + j for j in range(6)]
         assert len({tuple(c) for c in cands}) > 1  # distinct draws
         # Each candidate is exactly what its seed draws for the prompt alone.
-        alone = engine.engine.generate([prompt] * 6, 8, settings, seeds).rows()
+        alone = engine.engine.generate([prompt] * 6, 8, settings, seeds).flat()
         assert [c.tokens for c in alone] == cands
         assert rewards.tolist() == IdReward().score_ids(None, cands).tolist()
         chosen = first_best(rewards)

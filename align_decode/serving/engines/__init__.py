@@ -15,16 +15,16 @@ parallelism then carry it across GPUs and nodes:
 Importing this package never imports vLLM; building a `VLLMEngine` does.
 """
 
-from ...decoding.engine import Completion, SamplingEngine, Sampled
+from ...decoding.engine import Completion, SamplingEngine, EngineOutput
 from .engine_policy import EngineModel, EnginePolicy, engine_generate
 from .vllm_engine import VLLMEngine, engine_seed
 
 __all__ = [
     "Completion",
     "EngineModel",
+    "EngineOutput",
     "EnginePolicy",
     "SamplingEngine",
-    "Sampled",
     "VLLMEngine",
     "engine_generate",
     "engine_seed",

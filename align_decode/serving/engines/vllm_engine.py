@@ -46,7 +46,7 @@ from typing import Sequence
 import torch
 
 from ...decoding.settings import GenerationSettings, validate_ids
-from ...decoding.engine import Completion, SamplingEngine, Sampled, as_budgets, as_seeds
+from ...decoding.engine import Completion, SamplingEngine, EngineOutput, as_budgets, as_seeds
 
 # vLLM seeds are signed 64-bit and the j-th of n draws uses seed + j: keep seeds below 2^62 so that
 # never overflows.
@@ -167,7 +167,7 @@ class VLLMEngine(SamplingEngine):
         settings: GenerationSettings,
         seeds: Sequence[int] | torch.Tensor,
         n: int = 1,
-    ) -> Sampled:
+    ) -> EngineOutput:
         from vllm.inputs import TokensPrompt
 
         if self.llm is None:
@@ -189,7 +189,7 @@ class VLLMEngine(SamplingEngine):
         completions = [[Completion([], False, empty, seed_of(i, j)) for j in range(n)] for i in range(len(prefixes))]
         live = [i for i, m in enumerate(budgets) if m > 0]  # the engine refuses max_tokens = 0
         if not live:
-            return Sampled(completions)
+            return EngineOutput(completions)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=prefixes[i]) for i in live],
             [self._params(settings, budgets[i], seeds[i], draws) for i in live],
@@ -211,4 +211,4 @@ class VLLMEngine(SamplingEngine):
             if len(got) != draws:
                 raise RuntimeError(f"vLLM returned {len(got)} completions for a request of n={draws}")
             completions[i] = got * n if greedy else got
-        return Sampled(completions, forward, cached)
+        return EngineOutput(completions, forward, cached)

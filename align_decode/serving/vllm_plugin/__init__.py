@@ -63,11 +63,11 @@ from .config import ENV_VAR, REQUEST_KEY, GuideConfig, GuideSpec, RequestGuidanc
 ENTRY_POINT = "align_decode.serving.vllm_plugin.processor:GuidanceLogitsProcessor"
 
 __all__ = [
-    "ENV_VAR",
-    "REQUEST_KEY",
     "ENTRY_POINT",
+    "ENV_VAR",
     "GuideConfig",
     "GuideSpec",
+    "REQUEST_KEY",
     "RequestGuidance",
     "guide_config",
     "parse_request",
