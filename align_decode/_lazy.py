@@ -36,3 +36,17 @@ def lazy_exports(
         return sorted(set(namespace) | set(exports))
 
     return __getattr__, __dir__
+
+
+def moved_module(old: str, new: str) -> Callable[[str], object]:
+    """__getattr__ for a module that moved: `old.name` resolves to `new.name`, with a DeprecationWarning, for
+    one release. Nothing is imported until a name is asked for."""
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        warnings.warn(f"{old} moved to {new}; the old module goes in the next release", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(new), name)
+
+    return __getattr__
