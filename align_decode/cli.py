@@ -42,7 +42,7 @@ import click
 
 from .commandline.config_file import apply_config
 from .commandline.console import Console
-from .commandline.methods import click_options, describe_methods, method_flags
+from .commandline.methods import click_options, click_type, describe_methods, method_flags
 from .commandline.prompts_file import FORMATS
 from .commandline.results_file import encode_line
 from .commandline.run import RunOptions, RunFailure, Terminated, Run
@@ -98,9 +98,8 @@ def _run_options(command):
         if spec.kind == "bool" and spec.default is False:
             options.append(click.option(*names, is_flag=True, help=spec.help))
             continue
-        type_ = click.Choice(list(spec.choices)) if spec.choices else {"int": int, "float": float}.get(spec.kind, str)
         shown = spec.default not in (None, ())
-        options.append(click.option(*names, type=type_, multiple=spec.multiple, metavar=spec.metavar,
+        options.append(click.option(*names, type=click_type(spec), multiple=spec.multiple, metavar=spec.metavar,
                                     default=() if spec.multiple else spec.default, show_default=shown,
                                     help=spec.help))
     return _apply(command, options)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -127,6 +128,17 @@ class OptionSpec:
         return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
 
 
+@functools.cache
+def _specs(cls: type) -> tuple[OptionSpec, ...]:
+    """A declaration's specs, read once per class (every construction validates against them)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        out.append(OptionSpec(f.name, f.default, m["help"], m["bounds"], m["choices"], m["flag"] or f.name,
+                              m["multiple"], m["cli"], m["metavar"], m["from_flag"], m["flag_choices"]))
+    return tuple(out)
+
+
 class Options:
     """Base of the option dataclasses: each field is checked against its declaration on construction."""
 
@@ -139,13 +151,8 @@ class Options:
         """Rules between options (override)."""
 
     @classmethod
-    def specs(cls) -> list[OptionSpec]:
-        out = []
-        for f in dataclasses.fields(cls):
-            m = f.metadata
-            out.append(OptionSpec(f.name, f.default, m["help"], m["bounds"], m["choices"], m["flag"] or f.name,
-                                  m["multiple"], m["cli"], m["metavar"], m["from_flag"], m["flag_choices"]))
-        return out
+    def specs(cls) -> tuple[OptionSpec, ...]:
+        return _specs(cls)
 
     @classmethod
     def spec(cls, name: str) -> OptionSpec:

@@ -75,9 +75,6 @@ class Console:
         self._inner[what] = (done, total)
         self._show(force=done == total)  # the end of a unit is always drawn
 
-    def step(self, step: int, steps: int) -> None:
-        self.inner("step", step, steps)
-
     def _text(self) -> str:
         done, total, tokens = self._state
         now = time.perf_counter()

@@ -70,9 +70,15 @@ class ModelFlag:
     metavar: str | None = None
     bounds: Bounds | None = None  # for a number
 
+    choices = flag_choices = None  # read like an OptionSpec by click_type
+
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def kind(self) -> str:
+        return "str" if self.bounds is None else "int" if self.bounds.integer else "float"
 
     def validate(self, value):
         if value is None or value == () or self.bounds is None:
@@ -262,11 +268,11 @@ def method_flags() -> dict[str, list[tuple[Method, Any]]]:
     return out
 
 
-def _click_type(spec: OptionSpec):
-    kind = spec.kind
-    if kind == "choice":
+def click_type(spec: OptionSpec | ModelFlag):
+    """The click type of a declared option's values."""
+    if spec.kind == "choice":
         return click.Choice(list(spec.flag_choices or spec.choices))
-    return {"bool": click.BOOL, "int": int, "float": float, "str": str}[kind]
+    return {"bool": click.BOOL, "int": int, "float": float, "str": str}[spec.kind]
 
 
 def click_options():
@@ -275,16 +281,10 @@ def click_options():
     options = []
     for name, users in method_flags().items():
         first = users[0][1]
-        multiple = first.multiple
-        if isinstance(first, ModelFlag):
-            type_ = float if first.bounds is not None and not first.bounds.integer else (
-                int if first.bounds is not None else str)
-        else:
-            type_ = _click_type(first)
+        multiple, type_ = first.multiple, click_type(first)
         for method, spec in users[1:]:
-            other = spec.multiple, (None if isinstance(spec, ModelFlag) else _click_type(spec))
-            if other[0] != multiple or (other[1] is not None and not isinstance(first, ModelFlag)
-                                        and repr(other[1]) != repr(type_)):
+            # One flag, one kind of value: methods sharing a flag may differ in meaning and default only.
+            if spec.multiple != multiple or repr(click_type(spec)) != repr(type_):
                 raise ValueError(f"flag --{name.replace('_', '-')} is declared differently by {method.name} and "
                                  f"{users[0][0].name}")
         meanings: dict[str, list[str]] = {}  # one meaning, the methods that share it

@@ -598,7 +598,7 @@ def test_console_bar_only_on_a_terminal_and_warnings_even_when_quiet():
     console.note("hello")
     assert "[############------------] 2/4 prompts | 30 tokens" in shown.getvalue()
     assert shown.getvalue().endswith("\r\x1b[Kalign-decode: hello\n")  # the bar is cleared before a note
-    console.step(5, 5)
+    console.inner("step", 5, 5)
     assert shown.getvalue().endswith("2/4 prompts | 30 tokens | " + shown.getvalue().rsplit("tokens | ", 1)[1])
     assert "| step 5/5\x1b[K" in shown.getvalue()
     assert "\r" not in Terminal().getvalue()
