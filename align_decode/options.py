@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, Sequence
 from .validation import NON_NEGATIVE_INT, Bounds, check_choice, check_numbers
 
 _AS_FLAGS = contextvars.ContextVar("align_decode_options_as_flags", default=False)
+# A prefix when option errors name keys of a JSON object (the server's request field); None otherwise.
+_AS_KEYS = contextvars.ContextVar("align_decode_options_as_keys", default=None)
 
 
 @contextlib.contextmanager
@@ -46,6 +48,18 @@ def named_as_flags() -> Iterator[None]:
         yield
     finally:
         _AS_FLAGS.reset(token)
+
+
+@contextlib.contextmanager
+def named_as_keys(prefix: str = "") -> Iterator[None]:
+    """Within this block, option errors name keys of a JSON object (`align_decode.burn_in`: the flag's
+    name as config files and the server's requests spell it, after `prefix`); this wins over an inner
+    named_as_flags(), so code shared with the command line names keys too."""
+    token = _AS_KEYS.set(prefix)
+    try:
+        yield
+    finally:
+        _AS_KEYS.reset(token)
 
 
 def option(default: Any, help: str, *, bounds: Bounds | None = None, choices: Sequence[Any] | None = None,
@@ -90,6 +104,9 @@ class OptionSpec:
         return "--" + self.flag_name.replace("_", "-")
 
     def label(self) -> str:
+        prefix = _AS_KEYS.get()
+        if prefix is not None:
+            return prefix + self.flag_name
         return self.flag if _AS_FLAGS.get() else self.name
 
     @property
@@ -125,6 +142,8 @@ class OptionSpec:
         default = self.default
         if self.from_flag is not None and self.flag_choices:
             default = next((c for c in self.flag_choices if self.from_flag(c) == default), default)
+        if isinstance(default, str):
+            return default.encode("unicode_escape").decode("ascii")  # a delimiter "\n\n" shows as typed
         return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
 
 

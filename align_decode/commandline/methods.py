@@ -40,10 +40,14 @@ import click
 
 from ..decoding.options import (
     ARGSOptions,
+    BeamSearchOptions,
     BestOfNOptions,
     BlockwiseCDOptions,
+    DVTSOptions,
     GenARMOptions,
     MethodOptions,
+    ParticleFilterOptions,
+    PrunedBestOfNOptions,
     QAlignOptions,
     TokenwiseCDOptions,
     TransferQOptions,
@@ -104,6 +108,11 @@ MODEL_FLAGS: dict[str, ModelFlag] = {
         # tokens: the flag that is ARGS's and Transfer Q*'s k.
         ModelFlag("candidate_tokens", "top-k tokens of the policy that a scalar --value-model or the --reward "
                   "scores per step [default: 10]", bounds=AT_LEAST_ONE),
+        ModelFlag("prm", "process reward model folder: a PRM read at a marker after each step (token-classification, "
+                  "causal LM with '+'/'-' label tokens, or sequence-classification head) [without it: --value-model, "
+                  "else the first --reward on the partial responses]", metavar="DIR"),
+        ModelFlag("prm_marker", "the text the --prm expects after each step, backslash escapes read [default: \\n\\n]",
+                  metavar="TEXT"),
     )
 }
 _CANDIDATES_FOR_GUIDES = 10
@@ -220,11 +229,13 @@ class Method:
         """Every method flag it takes (python names, as click and config files know them)."""
         return (*self.specs(), *self.model_flags)
 
-    def arguments(self, values: dict[str, Any], given) -> MethodArgs:
+    def arguments(self, values: dict[str, Any], given, n: int | None = None) -> MethodArgs:
         """Its arguments from the command line's values, checked and converted before anything loads;
-        errors name the flags as typed."""
-        given = frozenset(n for n in given if n in self.flag_names)
+        errors name the flags as typed. `n` (--n) is checked with them where it is the method's own count."""
+        given = frozenset(name for name in given if name in self.flag_names)
         kwargs = {}
+        if n is not None and self.n_is_candidates and self.options is not None and any(s.name == "n" for s in self.options.specs()):
+            kwargs["n"] = n
         for flag_name, spec in self.specs().items():
             value = values.get(flag_name)
             if value is None or value == ():
@@ -571,3 +582,92 @@ register_method(Method(
     engines=ENGINES,  # the rollouts run in the engine (on the --baseline folder); the prior in process
 ))
 
+
+
+# ----------------------------------------------------------------------------------- step-level search
+def _process_reward(args: MethodArgs, ctx: BuildContext, method: str):
+    """The scorer of partial responses: --prm, else one --value-model, else the first --reward on prefixes."""
+    from ..decoding.options import _delimiter_from_flag
+    from ..rewards.process import PrefixReward, TransformersPRM, ValuePRM
+
+    if args.models["prm"]:
+        from ..models import resolve_model_path
+
+        marker = args.models["prm_marker"]
+        return TransformersPRM.from_folder(resolve_model_path(args.models["prm"]), device=ctx.device,
+                                           step_marker="\n\n" if marker is None else _delimiter_from_flag(marker))
+    if args.models["prm_marker"] is not None:
+        raise ValueError("--prm-marker goes with --prm (the PRM folder it describes)")
+    models = _value_models(args, ctx, _CANDIDATES_FOR_GUIDES)
+    if len(models) > 1:
+        raise ValueError(f"{method} scores steps with one --value-model")
+    if models:
+        return ValuePRM(models[0])
+    if ctx.reward is None:
+        raise ValueError(f"{method} needs a scorer of partial responses: --prm DIR, --value-model DIR, or a --reward "
+                         "(applied to the response so far)")
+    return PrefixReward(ctx.reward)
+
+
+def _step_search_builder(class_name: str):
+    def build(args: MethodArgs, ctx: BuildContext):
+        from .. import decoding
+
+        strategy_class = getattr(decoding, class_name)
+        scorer = _process_reward(args, ctx, strategy_class.name)
+        with named_as_flags():
+            return strategy_class(scorer, **{**args.options.values(), "n": ctx.n}, engine=ctx.engine())
+
+    return build
+
+
+def _candidates_layout(decoded, prompts: int) -> list[PromptOutput]:
+    """A search's report: its candidates (completed paths, final particles) and the chosen one."""
+    report = decoded.extras
+    return [PromptOutput(candidates=report.candidates[b], chosen=report.chosen[b][0]) for b in range(prompts)]
+
+
+def _sampled_search(what: str):
+    return lambda args, n: None if n == 1 else (
+        f"{what} needs sampled steps: at --temperature 0 the --n {n} paths are one greedy answer repeated; give a "
+        "temperature > 0")
+
+
+for _name, _class, _options, _summary in (
+    ("beam_search", "StepBeamSearch", BeamSearchOptions,
+     "step-level beam search: --n beams, the best n / --beam-width kept each step by a process reward (--prm, "
+     "--value-model or the first --reward on partial responses)"),
+    ("dvts", "DVTS", DVTSOptions,
+     "diverse verifier tree search: --n / --beam-width independent subtrees, each greedy on the process reward"),
+    ("particle_filter", "ParticleFilter", ParticleFilterOptions,
+     "particle filtering over steps: --n particles resampled each step by their process reward weights "
+     "(--gibbs-iterations > 1: particle Gibbs)"),
+):
+    register_method(Method(
+        _name, _summary, _step_search_builder(_class), options=_options,
+        model_flags=("prm", "prm_marker", "value_model"), layout=_candidates_layout, n_is_candidates=True,
+        engines=ENGINES, engine_only=True, needs_sampling=_sampled_search(_name),
+    ))
+
+
+def _build_pruned_best_of_n(args: MethodArgs, ctx: BuildContext):
+    from ..decoding import PrunedBestOfN
+
+    if ctx.reward is None:
+        raise ValueError("pruned_best_of_n needs a reward: pass --reward NAME")
+    return PrunedBestOfN(ctx.reward, **{**args.options.values(), "n": ctx.n}, engine=ctx.engine())
+
+
+register_method(Method(
+    "pruned_best_of_n",
+    "best-of-N with early pruning (speculative rejection): --n candidates scored by the first --reward on their "
+    "partial responses at each --prune-at token count, the best --keep-fraction going on",
+    _build_pruned_best_of_n,
+    options=PrunedBestOfNOptions,
+    layout=_candidates_layout,
+    needs_reward=True,
+    n_is_candidates=True,
+    engines=ENGINES,
+    engine_only=True,
+    needs_sampling=_sampled_search("pruned_best_of_n"),
+))

@@ -331,7 +331,7 @@ class Run:
         self.method = get_method(options.method)
         check_applicable(self.method, given)
         check_engine(self.method, options.engine)
-        self.args = self.method.arguments(options.method_values or {}, given)
+        self.args = self.method.arguments(options.method_values or {}, given, n=options.n)
         if not options.do_sample:
             reason = self.method.needs_sampling(self.args, options.n)
             if reason:

@@ -82,6 +82,7 @@ def decode(
     streamer=None,
     progress=None,
     prune_finished: bool | str = True,
+    step_end=None,
 ) -> Decoded:
     """Decode up to max_new_tokens tokens per row from prepared sessions.
 
@@ -99,6 +100,9 @@ def decode(
         back at the end, in the original order.
         With "keep" and "park", each session ends holding every row's prompt and all its tokens but the
         last one drawn, ready for the caller to continue from.
+    step_end: step_end(previous tokens [B], tokens [B]) -> bool [B]: a row whose new token ends a
+        reasoning step finishes there, unstopped (step-level search decodes one step at a time with it,
+        `decoding.steps.StepBoundary`). The first previous token is the last one in each row's session.
     """
     mode = {True: "drop", False: "keep"}.get(prune_finished, prune_finished)
     if mode not in ("drop", "keep", "park"):
@@ -126,6 +130,7 @@ def decode(
     live = torch.arange(batch, device=device)  # original row of each row still in the sessions
     parked: list[tuple[torch.Tensor, ModelSession]] = []  # (original rows, their sessions) set aside
     done = limit == 0  # per session row: finished (unpruned mode keeps finished rows)
+    previous = None if step_end is None else policy.tokens_at(policy.next_pos - 1)
     steps = 0
     for t in range(max_new_tokens):
         active = ~done
@@ -161,6 +166,9 @@ def decode(
         ends = active & torch.isin(new, stop)
         stopped[live[ends]] = True
         done = done | ends | (lengths[live] >= limit[live])
+        if step_end is not None:
+            done = done | (active & step_end(previous, new))
+            previous = new
         if t == max_new_tokens - 1 or bool(done.all()):
             break
 
@@ -175,6 +183,7 @@ def decode(
             sampling = sampling.select(keep)
             weights = None if weights is None else weights[keep]
             offset, live, new = offset[keep], live[keep], new[keep]
+            previous = None if previous is None else previous[keep]
             done = done[keep]
         advance = None if not bool(done.any()) else ~done
         logits = policy.step(new, advance)

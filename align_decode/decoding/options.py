@@ -181,8 +181,94 @@ class TransferQOptions(MethodOptions):
                              f"rollout; use {self.label('rollout_sampling')} sample")
 
 
+# ------------------------------------------------------------------------------ step-level search
+STEP_AGGREGATES = ("last", "min", "product")
+
+
+def _delimiter_from_flag(text: str) -> str | None:
+    """--step-delimiter as typed: backslash escapes read ("\\n\\n" is a blank line), "none" turns it off."""
+    return None if text.lower() == "none" else text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+@dataclass(frozen=True)
+class _StepSearchOptions(MethodOptions):
+    """What every step-level search takes: where a step ends, how many rounds, how a path is scored."""
+
+    step_delimiter: str | None = option("\n\n", "text that ends a reasoning step, backslash escapes read (none: "
+                                        "steps of --step-tokens tokens only)", from_flag=_delimiter_from_flag,
+                                        metavar="TEXT")
+    step_tokens: int | None = option(None, "most tokens per step (a step also ends at the delimiter)",
+                                     bounds=Bounds(ge=1, integer=True, allow_none=True))
+    max_steps: int = option(32, "most steps per response: rounds of the search", bounds=AT_LEAST_ONE)
+    aggregate: str = option("last", "a path's score from its step scores: the last, the smallest, or their product",
+                            choices=STEP_AGGREGATES, flag="step_aggregate")
+
+    def check(self) -> None:
+        if self.step_delimiter is None and self.step_tokens is None:
+            raise ValueError(f"a step needs {self.label('step_delimiter')} or {self.label('step_tokens')}")
+        if self.step_delimiter == "":
+            raise ValueError(f"{self.label('step_delimiter')} must not be empty (none turns it off)")
+
+
+@dataclass(frozen=True)
+class BeamSearchOptions(_StepSearchOptions):
+    method: ClassVar[str] = "beam_search"
+    n: int = option(8, "beams: paths extended each round (the command line's --n)", bounds=AT_LEAST_ONE, cli=False)
+    beam_width: int = option(4, "M: every kept path is extended M ways, n / M paths are kept each round",
+                             bounds=AT_LEAST_ONE)
+
+    def check(self) -> None:
+        super().check()
+        if self.beam_width > self.n:
+            raise ValueError(f"{self.label('beam_width')} {self.beam_width} is more than the {self.n} beams "
+                             f"({self.label('n')})")
+
+
+@dataclass(frozen=True)
+class DVTSOptions(BeamSearchOptions):
+    method: ClassVar[str] = "dvts"
+
+    def check(self) -> None:
+        super().check()
+        if self.n % self.beam_width:
+            raise ValueError(f"DVTS splits the {self.n} beams ({self.label('n')}) into subtrees of "
+                             f"{self.label('beam_width')} {self.beam_width}: n must be a multiple of it")
+
+
+@dataclass(frozen=True)
+class ParticleFilterOptions(_StepSearchOptions):
+    method: ClassVar[str] = "particle_filter"
+    n: int = option(8, "particles (the command line's --n)", bounds=AT_LEAST_ONE, cli=False)
+    temperature: float = option(1.0, "tau: a particle's weight is exp(phi(score) / tau)", bounds=POSITIVE,
+                                flag="weight_temperature")
+    potential: str = option("auto", "phi, how a step score becomes a log-weight: log(s / (1 - s)) (the paper's, "
+                            "for PRM probabilities), log(s), or s itself; auto: logit for a --prm giving probabilities, "
+                            "else score", choices=("auto", "logit", "log", "score"))
+    finished_weight: str = option("final", "the weight of a particle that finished in an earlier round: its final "
+                                  "one (the paper's code) or 1 (none: the exact target p(y) prod_t G_t)",
+                                  choices=("final", "none"))
+    resampling: str = option("multinomial", "how particles are resampled each round",
+                             choices=("multinomial", "systematic", "stratified"))
+    iterations: int = option(1, "particle Gibbs iterations (1: particle filtering; each later one keeps a reference "
+                             "particle drawn from the last)", bounds=AT_LEAST_ONE, flag="gibbs_iterations")
+    select: str = option("best", "the answer: the highest final weight, or a draw from the final weights",
+                         choices=("best", "sample"), flag="particle_select")
+
+
+@dataclass(frozen=True)
+class PrunedBestOfNOptions(MethodOptions):
+    method: ClassVar[str] = "pruned_best_of_n"
+    n: int = option(16, "candidates per prompt at the start (the command line's --n)", bounds=AT_LEAST_ONE,
+                    cli=False)
+    prune_at: tuple[int, ...] | None = option((16,), "token counts at which the candidates are scored on their "
+                                              "partial responses and the weakest pruned", multiple=True,
+                                              bounds=AT_LEAST_ONE, metavar="TOKENS")
+    keep_fraction: float = option(0.5, "share of the candidates kept at each pruning point (1: plain best-of-N)",
+                                  bounds=Bounds(gt=0, le=1))
+
+
 METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
     cls.method: cls
     for cls in (GenARMOptions, BestOfNOptions, QAlignOptions, TokenwiseCDOptions, BlockwiseCDOptions, ARGSOptions,
-                TransferQOptions)
+                TransferQOptions, BeamSearchOptions, DVTSOptions, ParticleFilterOptions, PrunedBestOfNOptions)
 }

@@ -1,5 +1,7 @@
 """Sequence rewards: r(prompt, completion) for best-of-N, QAlign, blockwise controlled decoding,
-Transfer Q* and the training data of the guides; `registry` names them for the command line."""
+Transfer Q* and the training data of the guides; `registry` names them for the command line. Process
+rewards (`process`: PRMs, sequence rewards and value models on partial responses) score the steps of
+step-level search."""
 
 from .._lazy import lazy_exports
 
@@ -12,9 +14,13 @@ _EXPORTS = {
     "LengthReward": ".constraints",
     "LogSigmoidTransform": ".combine",
     "NonToxicityReward": ".offline",
+    "PrefixReward": ".process",
+    "ProcessReward": ".process",
     "RegexReward": ".constraints",
     "SentimentReward": ".offline",
     "SequenceReward": ".base",
+    "TransformersPRM": ".process",
+    "ValuePRM": ".process",
     "WeightedSum": ".combine",
     "answers_match": ".answers",
     "extract_answer": ".answers",

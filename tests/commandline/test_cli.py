@@ -59,6 +59,10 @@ METHOD_CASES = {
     "cd_blockwise": ["--reward", "length:target=2", "--num-candidates", "2", "--block-size", "2"],
     "args": ["--reward", "length:target=2", "--candidate-tokens", "3", "--reward-weight", "2.0"],
     "transfer_q": ["--reward", "length:target=2", "--candidate-tokens", "3", "--rollout-len", "2"],
+    "beam_search": ["--n", "4", "--beam-width", "2", "--step-tokens", "2", "--reward", "length:target=2"],
+    "dvts": ["--n", "4", "--beam-width", "2", "--step-tokens", "2", "--reward", "length:target=2"],
+    "particle_filter": ["--n", "3", "--step-tokens", "2", "--reward", "length:target=2"],
+    "pruned_best_of_n": ["--n", "4", "--prune-at", "2", "--reward", "length:target=2"],
 }
 
 
