@@ -87,3 +87,16 @@ def chi_square_p(counts: dict, law: dict, total: int) -> float:
     exp_t = torch.tensor(exp, dtype=torch.float64)
     exp_t = exp_t * sum(obs) / exp_t.sum()
     return float(chisquare(obs, exp_t.numpy()).pvalue)
+
+
+def bon_law(law, table, n):
+    """The exact law of best-of-n with first-index ties, for a policy law and a reward table:
+    P(y) = p(y) / p(S_r(y)) * (F(r(y))^n - F-(r(y))^n)."""
+    out = {}
+    for y, p in law.items():
+        r = table[y]
+        level = sum(q for z, q in law.items() if table[z] == r)
+        below_eq = sum(q for z, q in law.items() if table[z] <= r)
+        below = sum(q for z, q in law.items() if table[z] < r)
+        out[y] = p / level * (below_eq**n - below**n)
+    return out

@@ -6,8 +6,7 @@ import torch
 
 from align_decode import DVTS, AlignedModel, StepBeamSearch
 from align_decode.rewards.process import PrefixReward, ProcessReward
-from enumerate_law import TableReward, chi_square_p, response_law
-from test_best_of_n import bon_law
+from enumerate_law import TableReward, bon_law, chi_square_p, response_law
 from tiny import EOS, PAD, tiny_llama
 
 VOCAB, CAP, PROMPT = 5, 2, [3, 4]

@@ -8,7 +8,7 @@ import torch
 from align_decode import AlignedModel, BestOfN, GenARM, ARM
 from align_decode.decoding.best_of_n import vote
 from align_decode.rewards import CallableReward, SequenceReward
-from enumerate_law import TableReward, chi_square_p, response_law
+from enumerate_law import TableReward, bon_law, chi_square_p, response_law
 from tiny import EOS, PAD, tiny_llama, tiny_tokenizer
 
 VOCAB, CAP, PROMPT = 5, 2, [3, 4]
@@ -27,18 +27,6 @@ def law(policy):
 def _table(law):
     # Few reward levels so that ties matter; fixed by the response's tokens.
     return {y: float((3 * sum(y) + len(y)) % 4) for y in law}
-
-
-def bon_law(law, table, n):
-    """P(y) = p(y) / p(S_r(y)) * (F(r(y))^n - F-(r(y))^n)."""
-    out = {}
-    for y, p in law.items():
-        r = table[y]
-        level = sum(q for z, q in law.items() if table[z] == r)
-        below_eq = sum(q for z, q in law.items() if table[z] <= r)
-        below = sum(q for z, q in law.items() if table[z] < r)
-        out[y] = p / level * (below_eq**n - below**n)
-    return out
 
 
 def _draw(policy, table, n, trials, **kw):

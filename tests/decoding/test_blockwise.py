@@ -9,7 +9,7 @@ import torch
 from align_decode import AlignedModel, BlockwiseCD, QValueModel, Sample, ScalarValueModel, TokenwiseCD
 from align_decode.rewards import CallableReward
 from enumerate_law import TableReward, chi_square_p, next_token_probs, response_law
-from test_best_of_n import bon_law
+from enumerate_law import bon_law
 from test_controlled import tiny_value_head
 from tiny import EOS, PAD, tiny_tokenizer
 from tiny import tiny_llama64 as tiny_llama

@@ -23,14 +23,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, TransferQ
+from align_decode import AlignedModel, BestOfN, GenARM, PromptedARM, QAlign, Sample, TransferQ
 from align_decode.decoding import Policy, PromptBatch, decode, left_pad
 from align_decode.serving.engines import Completion, EnginePolicy, SamplingEngine, EngineOutput, engine_generate
 from align_decode.decoding.engine import as_budgets, as_seeds
 from align_decode.decoding.vocab import output_width
 from align_decode.rewards import SequenceReward
 from cli_support import assert_one_line_error, invoke, run_ok, save_model, write_jsonl
-from enumerate_law import TableReward, chi_square_p, response_law
+from enumerate_law import TableReward, bon_law, chi_square_p, response_law
 from tiny import EOS, PAD, tiny_llama, tiny_tokenizer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -387,3 +387,87 @@ def test_the_command_runs_best_of_n_qalign_and_transfer_q_on_vllm(engine, cli_fi
     for line in qalign:
         assert line["hyperparameters"]["engine"] == "vllm" and len(line["candidates"]) == 2
         assert len(line["extras"]["acceptance_rate"]) == 2
+
+
+# ------------------------------------------------------------------ step-level search on an engine
+class _PrefixFormula(TableReward):
+    """(3 * sum + length) mod 4 of the token ids, defined on partial responses too."""
+
+    def __init__(self):
+        super().__init__({})
+
+    def score_ids(self, prompt_ids, completion_ids):
+        return torch.tensor([float((3 * sum(c) + len(c)) % 4) for c in completion_ids])
+
+
+def _search_law_case(search_engine, trials: int):
+    from align_decode import StepBeamSearch
+    from align_decode.rewards.process import PrefixReward
+
+    policy = tiny_llama(5, seed=41, init=0.5, dtype=torch.float64)
+    law = response_law(policy, [3, 4], 2, EOS)
+    rewards = {y: float((3 * sum(y) + len(y)) % 4) for y in law}
+    engine = search_engine(policy)
+    search = StepBeamSearch(PrefixReward(_PrefixFormula()), n=3, beam_width=1, step_delimiter=None, step_tokens=1,
+                            engine=engine)
+    out = AlignedModel(policy, strategy=search).generate(
+        input_ids=torch.tensor([[3, 4]]).expand(trials, -1), max_new_tokens=2, do_sample=True, top_k=0,
+        eos_token_id=EOS, pad_token_id=PAD, seed=list(range(trials)), return_dict_in_generate=True)
+    a = out.alignment
+    counts = collections.Counter(tuple(a["candidates"][r][a["chosen"][r][0]]) for r in range(trials))
+    return chi_square_p(counts, bon_law(law, rewards, 3), trials), out, engine
+
+
+def test_step_search_through_an_engine_keeps_the_law():
+    """Beam search with nothing pruned, its steps drawn by an engine: still the exact best-of-n law."""
+    p, out, engine = _search_law_case(LoopEngine, 1500)
+    assert p > 1e-3
+    assert engine.calls == out.alignment["rounds"] and out.alignment["forward_tokens"] > 0
+
+
+def test_particle_filter_and_pruned_best_of_n_through_an_engine(exact_model):
+    from align_decode import ParticleFilter, PrunedBestOfN
+
+    engine = LoopEngine(exact_model)
+    pf = ParticleFilter(_PrefixFormula(), n=4, step_delimiter=None, step_tokens=3, engine=engine)
+    out = generate(exact_model, pf, PROMPTS, do_sample=True, seed=[1, 2, 3])
+    a = out.alignment
+    for b in range(3):
+        chosen = a["candidates"][b][a["chosen"][b][0]]
+        assert out.sequences[b, 5:5 + len(chosen)].tolist() == chosen  # after the left-padded prompts
+        assert len(a["log_weights"][b]) == 4
+    pruned = PrunedBestOfN(IdReward(), n=6, prune_at=(3,), keep_fraction=0.5, engine=engine)
+    out = generate(exact_model, pruned, PROMPTS, do_sample=True, seed=[1, 2, 3])
+    for b in range(3):
+        assert sum(p is None for p in out.alignment["pruned_at"][b]) == 3
+        assert out.alignment["chosen"][b][0] in [j for j, p in enumerate(out.alignment["pruned_at"][b]) if p is None]
+    with pytest.raises(ValueError, match="an engine samples the policy itself"):
+        PrunedBestOfN(IdReward(), engine=engine, proposal=Sample())
+
+
+@pytest.mark.vllm
+def test_step_search_through_vllm_keeps_the_law(vllm_env, tmp_path):
+    """Beam search with nothing pruned, its steps drawn by vLLM (one request per path and step, the prompt
+    and path resubmitted): the exact best-of-n law."""
+    from align_decode.serving.engines import VLLMEngine
+
+    def build(policy):
+        policy.save_pretrained(tmp_path / "v5")
+        return VLLMEngine(tmp_path / "v5", dtype="float32", max_model_len=16, max_num_seqs=256, enforce_eager=True,
+                          skip_tokenizer_init=True)
+
+    p, out, engine = _search_law_case(build, 1500)
+    engine.close()
+    assert p > 1e-3
+    assert out.alignment["forward_tokens"] > 0
+
+
+@pytest.mark.vllm
+def test_the_command_runs_the_searches_on_vllm(engine, cli_files, tmp_path):
+    common = ["--reward", "length:target=3", "--max-model-len", "64", "--enforce-eager", "--temperature", "1.0"]
+    for method, extra in (("particle_filter", ["--step-tokens", "2"]), ("pruned_best_of_n", ["--prune-at", "2"])):
+        lines = run_ok(str(engine.path), cli_files.prompts, tmp_path / f"{method}.jsonl", "--method", method,
+                       "--n", "4", "--engine", "vllm", *common, *extra)
+        for line in lines:
+            assert line["completion"] == line["candidates"][line["chosen"]]["text"]
+            assert line["hyperparameters"]["engine"] == "vllm"
