@@ -3,8 +3,8 @@
 A strategy turns a batch of prompts and settings into generated rows (num_return_sequences per prompt,
 prompt-major, as `model.generate()` lays them out). Token-level strategies (plain sampling, GenARM,
 tokenwise controlled decoding) only say which guides to mix in and with which weights; the loop does
-the rest. Sequence-level strategies (best-of-N, blockwise CD, Transfer Q*, QAlign) call the loop
-themselves on prepared sessions.
+the rest. Sequence-level strategies (best-of-N, blockwise CD, Transfer Q*, QAlign, the step-level
+searches of `step_search`) call the loop themselves on prepared sessions.
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def cli_files(tmp_path_factory):
 
 @pytest.mark.parametrize("args,fragments", [
     (["--method", "genarm", "--engine", "vllm"],
-     ["--engine vllm does not apply to method 'genarm'", "best_of_n, qalign, transfer_q"]),
+     ["--engine vllm does not apply to method 'genarm'",
+      "beam_search, best_of_n, dvts, particle_filter, pruned_best_of_n, qalign, transfer_q"]),
     (["--method", "sample", "--engine", "vllm"], ["does not apply to method 'sample'"]),
     (["--method", "best_of_n", "--tensor-parallel-size", "2"], ["--tensor-parallel-size", "needs --engine vllm"]),
     (["--method", "qalign", "--engine", "vllm", "--gpu-memory-utilization", "1.5"],
