@@ -126,3 +126,36 @@ def test_argument_errors(policy):
     with pytest.raises(ValueError, match="num_return_sequences=3 is more than the 2 answers"):
         _generate(policy, DVTS(Steps(), n=4, beam_width=2, step_tokens=1, step_delimiter=None), 1,
                   num_return_sequences=3)
+
+
+def test_a_guided_proposal_keeps_its_guide_states_through_forks_and_segments():
+    """Steps drawn by GenARM: every kept path's recorded log-probs are the mixed law's, recomputed from
+    scratch (guide caches forked and dropped with the paths); and pruned best-of-N with one candidate
+    draws exactly what GenARM draws, segment after segment."""
+    from align_decode import ARM, GenARM, PrunedBestOfN
+    from align_decode.decoding import GenerationSettings, Policy, PromptBatch
+
+    policy, arm_model = tiny_llama(64, seed=2, dtype=torch.float64), tiny_llama(64, seed=9, dtype=torch.float64)
+    proposal = GenARM([ARM(arm_model)], beta=1.0)
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    batch = PromptBatch(prompts, torch.ones_like(prompts))
+    settings = GenerationSettings(max_new_tokens=6, do_sample=True, stop_ids=(EOS,), pad_id=PAD,
+                                  seeds=torch.tensor([3, 4]))
+    search = StepBeamSearch(Steps(), n=4, beam_width=2, step_delimiter=None, step_tokens=2, proposal=proposal)
+    out = search.run(Policy(policy), batch, settings)
+    for row in range(2):
+        seq = prompts[row].tolist()
+        for t in range(int(out.lengths[row])):
+            with torch.no_grad():
+                p = torch.log_softmax(policy(torch.tensor([seq])).logits[0, -1], -1)
+                a = torch.log_softmax(arm_model(torch.tensor([seq])).logits[0, -1], -1)
+            mixed = torch.log_softmax(p + a, -1)
+            token = int(out.tokens[row, t])
+            assert float(out.logprobs[row, t]) == pytest.approx(float(mixed[token]), abs=1e-6)
+            seq.append(token)
+
+    kw = dict(input_ids=prompts, max_new_tokens=7, do_sample=True, top_k=0, seed=[1, 2], eos_token_id=EOS,
+              pad_token_id=PAD)
+    direct = AlignedModel(policy, strategy=proposal).generate(**kw)
+    pruned = PrunedBestOfN(Formula(), n=1, prune_at=(2, 5), keep_fraction=0.5, proposal=proposal)
+    assert torch.equal(AlignedModel(policy, strategy=pruned).generate(**kw), direct)
