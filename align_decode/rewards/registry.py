@@ -274,6 +274,22 @@ def _exact_match(arg, ctx):
     return ExactMatchReward(answers, kind=arg or "number")
 
 
+@register_reward("instructions", "IFEval-style verifiable instructions in the prompt's \"instructions\" field: "
+                 "strict (all pass), partial (share passing) or soft (a partial score)",
+                 usage="instructions[:strict|partial|soft]")
+def _instructions(arg, ctx):
+    from .instructions import InstructionReward
+
+    table: dict[str, Any] = {}
+    for record in ctx.records:
+        if "instructions" not in record.meta:
+            raise ValueError(f"reward 'instructions' needs an \"instructions\" field on every prompt; "
+                             f"line {record.line} has none")
+        if table.setdefault(record.text, record.meta["instructions"]) != record.meta["instructions"]:
+            raise ValueError(f"reward 'instructions': line {record.line} repeats a prompt with other instructions")
+    return InstructionReward(table, mode=arg or "strict")
+
+
 @register_reward("classifier", "a local sequence-classification reward model",
                  usage="classifier:DIR[,reduction=logit|prob|log_prob,label=L,max_length=N,batch_size=N]")
 def _classifier(arg, ctx):

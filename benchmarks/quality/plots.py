@@ -124,3 +124,65 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+VERIFIABLE_STYLE = {
+    "best_of_n": ("best-of-N (soft proxy)", "tab:blue", "o", "-"),
+    "best_of_n_arm": ("best-of-N (ARM proxy)", "tab:cyan", "o", "--"),
+    "majority": ("majority vote", "tab:gray", "x", ":"),
+    "weighted_majority": ("weighted majority (soft)", "tab:olive", "+", ":"),
+    "qalign": ("QAlign (soft proxy)", "tab:orange", "s", "-"),
+    "sample": ("plain sampling", "black", "*", ""),
+    "genarm_trained": ("GenARM, verifier ARM", "tab:green", "^", ""),
+    "genarm_untrained": ("GenARM, untrained ARM", "tab:olive", "v", ""),
+}
+
+
+def verifiable_vs_compute(rows, path: Path) -> Path:
+    """Soft proxy and strict judge against forward tokens per response, every method of the task."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2), sharex=True)
+    for ax, key, err, title in ((axes[0], "reward", "reward_se", "proxy: soft partial checker"),
+                                (axes[1], "strict_mean", "strict_se", "judge: strict verifier (all instructions)")):
+        for family, (name, colour, marker, ls) in VERIFIABLE_STYLE.items():
+            pts = sorted(_family(rows, family), key=lambda r: (r["compute"], r.get("param") or 0))
+            if not pts:
+                continue
+            ax.errorbar([r["compute"] for r in pts], [r[key] for r in pts], yerr=[r.get(err, 0) or 0 for r in pts],
+                        color=colour, marker=marker, ls=ls or "none", label=name, capsize=2, ms=4, lw=1.1)
+        ax.set_xscale("log")
+        ax.set_xlabel("forward tokens per response (policy-size units)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("mean score over held-out prompts")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Instruction following (IFEval-style): score against compute (N, steps, weights grow)", fontsize=9)
+    return _save(fig, path)
+
+
+def verifiable_overopt(over, path: Path) -> Path:
+    """Best-of-N to N = 256 with each proxy (95% bootstrap bands), and QAlign's chains, on the prompts
+    where proxy and judge disagree most."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    x = over["bon_compute"]  # forward tokens per response of best-of-N at each N
+    for proxy, colour in (("soft", "tab:blue"), ("arm", "tab:cyan")):
+        c = over[proxy]
+        axes[1].plot(x, c["judge"], "o-", color=colour, ms=4, label=f"best-of-N, {proxy} proxy (N = {over['ns'][0]}"
+                     f" .. {over['ns'][-1]})")
+        axes[1].fill_between(x, c["judge_lo"], c["judge_hi"], color=colour, alpha=0.15)
+        axes[0].plot(x, c["soft"], "o-", color=colour, ms=4, label=f"best-of-N, {proxy} proxy")
+    q = over["qalign"]
+    xq = [r["compute"] for r in q]
+    axes[1].errorbar(xq, [r["judge"] for r in q], yerr=[[r["judge"] - r["judge_lo"] for r in q],
+                                                       [r["judge_hi"] - r["judge"] for r in q]],
+                     color="tab:orange", marker="s", ms=4, capsize=2,
+                     label=f"QAlign beta={over['qalign_beta']} (steps 0 .. {q[-1]['steps']})")
+    axes[0].plot(xq, [r["proxy"] for r in q], "s-", color="tab:orange", ms=4, label="QAlign (soft proxy)")
+    for ax, title in ((axes[0], "soft proxy of the chosen response"), (axes[1], "strict judge (95% bootstrap band)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("forward tokens per response (policy-size units)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Over-optimisation on the {len(over['prompts'])} held-out prompts where proxy and judge disagree "
+                 f"most ({over['pool']} samples each)", fontsize=9)
+    return _save(fig, path)

@@ -26,23 +26,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality.run", description=__doc__.split("\n")[0])
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--full", dest="scale", action="store_const", const="full", help="the full run (default)")
-    size.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help="the reduced run (CI)")
-    size.add_argument("--scale", dest="scale", choices=("full", "smoke", "test"))
+    from .scales import scale_parser
+
+    p = scale_parser("python -m benchmarks.quality.run", __doc__.split("\n")[0], "guides")
     p.add_argument("--out", type=Path, help="results folder [default: benchmarks/quality/results/full for --full, "
                    "else a folder beside the trained guides]")
-    p.add_argument("--work", type=Path, help="trained guides go here [default: the align-decode cache]")
     p.add_argument("--report", type=Path, help="markdown report [default: <out>/RESULTS_quality.md; with --full the "
                    "quality section of benchmarks/RESULTS.md is rewritten too]")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads [default: 1: on a shared 2-core machine a second thread mostly waits]")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse-guides", action="store_true", help="use the guides a previous run left in --work")
-    p.add_argument("--redraw", action="store_true", help="only redraw the plots and rewrite the report from "
-                   "<out>/results.json")
-    p.set_defaults(scale="full")
     return p.parse_args(argv)
 
 

@@ -73,3 +73,85 @@ SCALES = {
         multi_weights=((1.0, 0.0), (0.0, 1.0)),
     ),
 }
+
+
+@dataclass(frozen=True)
+class VerifiableScale:
+    """Scale of `python -m benchmarks.quality.verifiable` (the instruction-following task, the
+    over-optimisation curve and the non-toxicity ARM study)."""
+
+    name: str
+    train_prompts: int  # instruction task: train prompts for the ARM's pairs
+    train_samples: int
+    arm_epochs: int
+    arm_batch: int
+    test_prompts: int  # held-out prompts
+    samples: int  # responses (chains) per prompt of the token-level methods and QAlign
+    max_new_tokens: int
+    pool: int  # plain samples per held-out prompt (best-of-N and votes read off it, N = 1 .. pool)
+    vote_draws: int  # Monte-Carlo subsets per N for the votes
+    vote_beta: float  # weighted majority: softmax(proxy / beta)
+    genarm_weights: tuple[float, ...]
+    qalign_beta: float
+    qalign_steps: int
+    overopt_prompts: int  # prompts with the largest proxy/judge disagreement
+    overopt_pool: int  # samples per such prompt
+    overopt_max_n: int
+    deep_chains: int  # QAlign chains per such prompt
+    deep_steps: int
+    boot_reps: int
+    tox_train_prompts: int
+    tox_test_prompts: int
+    tox_samples: int
+    tox_tokens: int
+    tox_pairs_per_prompt: int
+    tox_arm_epochs: int
+    tox_weights: tuple[float, ...]
+    batch_prompts: int = 16
+
+
+VERIFIABLE_SCALES = {
+    "full": VerifiableScale(
+        name="full", train_prompts=48, train_samples=6, arm_epochs=2, arm_batch=8, test_prompts=24, samples=2,
+        max_new_tokens=32, pool=24, vote_draws=200, vote_beta=0.1, genarm_weights=(0.5, 1.0), qalign_beta=0.1,
+        qalign_steps=8, overopt_prompts=3, overopt_pool=512, overopt_max_n=256, deep_chains=4, deep_steps=32,
+        boot_reps=300, tox_train_prompts=60, tox_test_prompts=40, tox_samples=12, tox_tokens=24,
+        tox_pairs_per_prompt=3, tox_arm_epochs=2, tox_weights=(0.5, 1.0),
+    ),
+    "smoke": VerifiableScale(
+        name="smoke", train_prompts=12, train_samples=4, arm_epochs=1, arm_batch=4, test_prompts=4, samples=2,
+        max_new_tokens=12, pool=8, vote_draws=20, vote_beta=0.1, genarm_weights=(1.0,), qalign_beta=0.1,
+        qalign_steps=2, overopt_prompts=2, overopt_pool=16, overopt_max_n=16, deep_chains=2, deep_steps=2,
+        boot_reps=50, tox_train_prompts=12, tox_test_prompts=8, tox_samples=8, tox_tokens=12,
+        tox_pairs_per_prompt=2, tox_arm_epochs=1, tox_weights=(1.0,),
+    ),
+    "test": VerifiableScale(
+        name="test", train_prompts=6, train_samples=3, arm_epochs=1, arm_batch=3, test_prompts=3, samples=1,
+        max_new_tokens=6, pool=4, vote_draws=5, vote_beta=0.1, genarm_weights=(1.0,), qalign_beta=0.1,
+        qalign_steps=1, overopt_prompts=2, overopt_pool=8, overopt_max_n=8, deep_chains=1, deep_steps=2,
+        boot_reps=20, tox_train_prompts=6, tox_test_prompts=4, tox_samples=4, tox_tokens=6,
+        tox_pairs_per_prompt=1, tox_arm_epochs=1, tox_weights=(1.0,),
+    ),
+}
+
+
+def scale_parser(prog: str, description: str, made: str):
+    """The quality runs' shared command line: the scale (--full, --smoke, --scale), --out, --work (where
+    the trained `made` go), --threads, --seed and --redraw; each run adds its own flags."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", dest="scale", action="store_const", const="full", help="the full run (default)")
+    size.add_argument("--smoke", dest="scale", action="store_const", const="smoke", help="the reduced run (CI)")
+    size.add_argument("--scale", dest="scale", choices=("full", "smoke", "test"))
+    p.add_argument("--work", type=Path, help=f"trained {made} go here [default: the align-decode cache]")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads [default: 1: on a shared 2-core machine a second thread mostly waits]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redraw", action="store_true", help="only redraw the plots and rewrite the report from "
+                   "<out>/results.json")
+    p.set_defaults(scale="full")
+    return p
+
