@@ -6,11 +6,13 @@
     align-decode make-preferences --prompts p.jsonl --reward sentiment --out prefs.jsonl
     align-decode train-arm --preferences prefs.jsonl --out arm/      (then: run --method genarm --arm arm/)
     align-decode train-value --prompts p.jsonl --reward sentiment --out value/   (cd_tokenwise --value-model)
+    align-decode serve --model DIR --reward sentiment --arm kind=ARM_DIR      (OpenAI-compatible, any method)
 
 Errors are one line on stderr (`align-decode: error: ...`) with exit status 2 for bad input or options,
 1 when generation fails part-way; --debug shows the traceback instead.
 
-Sampling through vLLM (best_of_n, qalign, transfer_q; `pip install 'align-decode[vllm]'`):
+Sampling through vLLM (best_of_n, qalign, transfer_q, the step searches and pruned_best_of_n;
+`pip install 'align-decode[vllm]'`):
 
     align-decode run --method best_of_n --n 64 --engine vllm --tensor-parallel-size 4 --model DIR ...
     align-decode run --method qalign --steps 64 --engine vllm --max-model-len 4096 --model DIR ...
@@ -238,28 +240,36 @@ def rewards_command():
     click.echo("none: no reward")
 
 
-# ---------------------------------------------------------------------------- training the guides
-def _run_job(ctx: click.Context, job, summary=None):
-    """Run a training command's job with the run command's error handling: bad input exits 2 with one
-    line, a failure part-way exits 1; --debug shows the traceback. Prints the summary (or its JSON)."""
-    p = ctx.params
-    console = Console(quiet=p["quiet"])
+@contextlib.contextmanager
+def _exits_on_failure(ctx: click.Context):
+    """The commands' error handling: bad input exits 2 with one line, a failure part-way exits 1 naming
+    it, Ctrl-C exits 130; --debug shows the traceback instead."""
     try:
-        from .commandline.training_jobs import set_threads
-
-        set_threads(p["threads"])
-        with _library_output(console, verbose=p["verbose"] or p["debug"]):
-            result = job(console)
+        yield
     except KeyboardInterrupt:
         ctx.exit(130)
     except Exception as e:
-        if p["debug"]:
+        if ctx.params["debug"]:
             raise
         if isinstance(e, _INPUT_ERRORS):
             _error(str(e))
             ctx.exit(USAGE_ERROR)
         _error(f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
         ctx.exit(RUN_ERROR)
+
+
+# ---------------------------------------------------------------------------- training the guides
+def _run_job(ctx: click.Context, job, summary=None):
+    """Run a training command's job with the run command's error handling: bad input exits 2 with one
+    line, a failure part-way exits 1; --debug shows the traceback. Prints the summary (or its JSON)."""
+    p = ctx.params
+    console = Console(quiet=p["quiet"])
+    with _exits_on_failure(ctx):
+        from .commandline.training_jobs import set_threads
+
+        set_threads(p["threads"])
+        with _library_output(console, verbose=p["verbose"] or p["debug"]):
+            result = job(console)
     if summary is not None:
         console.note(summary(result))
     if p["json_summary"]:
@@ -417,6 +427,86 @@ def train_value_command(ctx: click.Context, **p):
                                         device=p["device"]), note=console.note)
 
     _run_job(ctx, job, value_summary)
+
+
+# ------------------------------------------------------------------------------------------- serving
+@cli.command("serve", epilog=(
+    "Requests pick the method and its options in an extra body field: with the openai client, "
+    "extra_body={\"align_decode\": {\"method\": \"best_of_n\", \"n\": 8, \"rewards\": {\"sentiment\": 1.0}}}; "
+    "the options are `align-decode run`'s method flags without dashes (align-decode methods). Guides and "
+    "rewards are loaded here and named by requests. Details: align_decode/server/__init__.py."
+))
+@click.option("--model", metavar="DIR", help="policy model folder [default: the bundled SmolLM2-135M-Instruct]")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: everything in process; vllm: best_of_n, qalign and transfer_q's rollouts sample from a vLLM "
+              "engine (token-level methods stay in process)")
+@click.option("--arm", multiple=True, metavar="[NAME=]DIR", help="an ARM requests can name (align_decode.arm); "
+              "repeatable; NAME defaults to the folder's name")
+@click.option("--value-model", multiple=True, metavar="[NAME=]DIR", help="a value model (train-value) requests can "
+              "name (align_decode.value_model); repeatable")
+@click.option("--baseline", multiple=True, metavar="[NAME=]DIR", help="a Transfer Q* baseline model requests can "
+              "name (align_decode.baseline); repeatable")
+@click.option("--guide", multiple=True, metavar="FLAG:[NAME=]DIR", help="a model folder for any method flag that "
+              "takes one (`--guide prm:math=DIR`; --arm DIR is --guide arm:DIR); repeatable")
+@click.option("--reward", multiple=True, metavar="[NAME=]SPEC", help="a reward requests can name (align_decode."
+              "rewards), as `run --reward` takes it: a built-in (align-decode rewards), a classifier folder, "
+              "module:function; repeatable; the default rewards of a request, in order")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--served-model-name", metavar="NAME", help="the model name requests give [default: the folder's name]")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="requests that may wait; more are answered 429")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="most prompts of compatible requests run as one batch")
+@click.option("--batch-wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="seconds the worker waits for more compatible requests before running a batch")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="seconds a request may take, queue included (504 after); requests may ask for less")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="max_tokens of a request that does not set it")
+@click.option("--no-chat-template", is_flag=True, help="feed chat messages without the model's chat template")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), help="--backend vllm: GPUs per model replica")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
+              help="--backend vllm: the share of each GPU's memory the engine may take [vLLM's, 0.9]")
+@click.option("--max-model-len", type=click.IntRange(min=1), help="--backend vllm: most prompt + response tokens")
+@click.option("--enforce-eager", is_flag=True, help="--backend vllm: no torch.compile / CUDA graphs")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, ... (auto: cuda when available)")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads [default: torch's]")
+@click.option("--verbose", "-v", is_flag=True, help="also show the libraries' warnings and uvicorn's access log")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.pass_context
+def serve_command(ctx: click.Context, **p):
+    """An OpenAI-compatible server where each request picks its method, options and budget."""
+    console = Console()
+    with _exits_on_failure(ctx):
+        try:
+            import fastapi  # noqa: F401
+            import uvicorn
+        except ImportError as e:
+            raise ValueError(f"serve needs FastAPI and uvicorn ({e.name} is missing): pip install "
+                             "'align-decode[serve]'") from None
+        with _library_output(console, verbose=p["verbose"] or p["debug"]):
+            from .commandline.training_jobs import set_threads
+            from .server.app import create_app
+            from .server.model import ServedModel
+
+            set_threads(p["threads"])
+            served = ServedModel.load(
+                p["model"], backend=p["backend"], arms=p["arm"], value_models=p["value_model"],
+                baselines=p["baseline"], guides=p["guide"], rewards=p["reward"], device=p["device"], dtype=p["dtype"],
+                name=p["served_model_name"], note=console.note, chat_template=not p["no_chat_template"],
+                max_tokens=p["max_tokens"], timeout=p["timeout"],
+                engine_options={k: p[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                                                  "enforce_eager") if p[k] not in (None, False)},
+            )
+            app = create_app(served, max_queue=p["max_queue"], max_batch=p["max_batch_size"],
+                             batch_wait=p["batch_wait"])
+            console.note(f"serving {served.name!r} on http://{p['host']}:{p['port']}/v1 (methods: "
+                         f"{', '.join(served.describe()['methods'])}; rewards: {', '.join(served.rewards) or 'none'})")
+            uvicorn.run(app, host=p["host"], port=p["port"], log_level="info" if p["verbose"] else "warning",
+                        access_log=p["verbose"])
 
 
 def main(argv=None) -> None:

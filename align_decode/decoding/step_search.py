@@ -32,7 +32,7 @@ from ..rewards.process import PartialResponse, PrefixReward, ProcessReward, Valu
 from .engine import SamplingEngine
 from .guides.base import GuideContext
 from .loop import Decoded, decode
-from .prompts import PromptBatch
+from .prompts import PromptBatch, left_pad
 from .session import ModelSession
 from .settings import GenerationSettings, validate_ids
 from .steps import StepBoundary
@@ -173,8 +173,6 @@ class Frontier:
                              "guided proposal is not supported)")
         prompts = self.batch.token_lists()
         rows = [prompts[p.prompt].tolist() + p.tokens for p in paths]
-        from .prompts import left_pad
-
         ids, mask = left_pad(rows, self.settings.pad_id, self.device)
         fresh = ModelSession(self.policy.model, vocab_size=self.width)
         logits = fresh.prefill(ids, mask)

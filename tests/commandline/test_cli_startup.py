@@ -57,6 +57,7 @@ CASES = [
     Case("make-preferences-help", ("make-preferences", "--help"), 0, stdout="Usage: align-decode make-preferences"),
     Case("train-arm-help", ("train-arm", "--help"), 0, stdout="Usage: align-decode train-arm"),
     Case("train-value-help", ("train-value", "--help"), 0, stdout="Usage: align-decode train-value"),
+    Case("serve-help", ("serve", "--help"), 0, stdout="Usage: align-decode serve"),
     Case("bad-top-p", ("run", "--top-p", "2", "--prompts", "{P}", "--out", "{O}"), 2, error=("--top-p", "2")),
     Case("missing-prompts", ("run", "--prompts", "{MISSING}", "--out", "{O}"), 2,
          error=("not found", "missing.jsonl")),
