@@ -5,10 +5,12 @@
 
 Each configuration samples one token per row from softmax(log_softmax(policy / T) + sum_i w_i
 log_softmax(guide_i)) with:
-  * triton:   `kernels.triton_mix.mix_and_sample_triton` (one streaming pass, in-kernel Philox noise);
+  * triton:   `kernels.triton_mix.mix_and_sample_triton` (one streaming pass of per-tile masses, then a
+              two-level inverse CDF that re-reads one tile per row: see its module docstring);
   * eager:    log_softmax of each input, weighted sum, softmax, multinomial, log-prob of the drawn token;
   * compiled: torch.compile of the eager function.
-`--top-k` / `--top-p` add truncation: the kernel's pivot search against the reference's sort-based `truncate`.
+`--top-k` / `--top-p` add truncation: the kernel's split pivot search against the reference's sort-based `truncate`.
+Issue 19's targets in one run: `benchmarks/bench_gpu_hotpath.py --all`.
 
 Times are medians over `--iters` launches with the L2 cache flushed before each, so inputs come from HBM.
 They include each method's host overhead (Python, allocations, launches), as a decoding loop without

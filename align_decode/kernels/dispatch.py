@@ -27,9 +27,8 @@ REQUIRED_TRITON_ATTRIBUTES = (
     "knobs.runtime.interpret",
     "cdiv",
     "next_power_of_2",
-    "language.philox",
+    "language.cumsum",
     "language.math.div_rn",
-    "language.extra.libdevice.fast_log2f",
 )
 
 
@@ -122,8 +121,33 @@ def sample_next(
             from .triton_mix import mix_and_sample_triton as fused
         except ImportError as err:
             raise RuntimeError(f"implementation='triton' needs triton: {TRITON_INSTALL}") from err
-    elif implementation == "auto" and policy.is_cuda:
-        fused = fused_sampler()
-    if fused is not None:
         return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
+    if implementation == "auto" and _on_gpu(policy):
+        fused = fused_sampler()
+    if fused is not None and _FAILED is None:
+        try:
+            return fused(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
+        except Exception as e:
+            _give_up_on_kernel(e)
     return mix_and_sample_reference(policy, guides, weights, rows, step, noise=noise, return_logprobs=return_logprobs)
+
+
+def _on_gpu(scores: torch.Tensor) -> bool:
+    return scores.is_cuda
+
+
+# Why the kernel failed at a launch in this process (then every later step uses the reference), or None.
+_FAILED: str | None = None
+
+
+def _give_up_on_kernel(error: Exception) -> None:
+    """A Triton error at a launch (compilation, resources: a GPU or triton release the kernel was not
+    checked on) falls back to the reference for the rest of the process, loudly; any other error is ours
+    or the caller's and propagates."""
+    global _FAILED
+    if not type(error).__module__.startswith("triton"):
+        raise error
+    _FAILED = f"{type(error).__name__}: {error}"
+    logger.warning("the Triton kernel failed at its launch; CUDA steps use the torch reference: %s", _FAILED)
+    warnings.warn(f"the Triton kernel failed at its launch, CUDA steps run the slower torch reference from now "
+                  f"on: {_FAILED}", AlignDecodeWarning, stacklevel=3)

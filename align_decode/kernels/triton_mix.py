@@ -1,46 +1,70 @@
-"""Triton kernel for the fused step: mix policy and guide scores, truncate, draw one token per row.
+"""Triton kernels for the fused step: mix policy and guide scores, truncate, draw one token per row.
 
-It implements the law of `kernels.reference` (read that first):
+They implement the law of `kernels.reference` (read that first) and draw the reference's token:
 
     z[v]    = s[v] / T_b + sum_i w[b, i] * g_i[v]        (-inf in a weighted guide masks; weight 0 ignores it)
     logp[v] = z[v] - logsumexp(z), then top-k, top-p, min-p on logp, each renormalising
     token   = argmax(logp)                                (greedy rows)
-            = argmax(logp + G),  G[v] ~ Gumbel(0, 1)      (sampled rows)
+            = inverse CDF of exp(logp) at u,  u = row_uniform(seed, step)    (sampled rows)
 
-How the pieces are computed without materialising [B, V] intermediates:
+Sampling by a two-level inverse CDF
+-----------------------------------
+The vocabulary is cut into tiles of BLOCK consecutive tokens. Pass 1 (`_tiles_kernel`) reads every score
+once and writes, per tile t, its max m_t and mass s_t = sum_{v in t} exp(z_v - m_t): no random numbers,
+one exp per token, so the pass runs at the speed of the loads. With M = max_t m_t and
+w_t = s_t exp(m_t - M), the row's mass is S = sum_t w_t and logsumexp(z) = M + log S.
 
-* One streaming pass (`_partials_kernel`). A per-row constant cancels in argmax(logp + G), so the draw is
-  argmax(z + G): Gumbel-max needs no normaliser, and a running argmax merges across chunks in any order.
-  In the same pass an online (max, sum-exp) gives logsumexp(z). When the batch is small the vocabulary of
-  a row is split over several programs, each writing partial (max, sum-exp, best score, best token, its z).
-* A per-row finishing step (`_finish_kernel`) merges the partials. Rows that set a filter also find the
-  truncation cut there: every filter keeps an upper set of z (the k largest with ties, the smallest head of
-  mass >= p, everything >= p_max * min_p), so the kept set is {v : z[v] >= cut}. The cut is found by
-  pivot search on the order-preserving integer key of z (on a GPU 16 pivots per pass over the row, so at
-  most 8 passes pin one of 2^32 keys, for top-k and again for top-p; min-p needs none): no sort. A last
-  pass over the row then takes the kept mass and the Gumbel argmax over the kept tokens. This step runs
-  one program per row: truncated rows re-read their scores once per pass and do not use the split.
-* `_logprobs_kernel` writes the full truncated logp only when it is asked for.
+The finishing step (`_finish_kernel`, one program per row) takes the row's single uniform u (the same
+SplitMix64 function of (seed, step) as `rows.row_uniform`, computed in the kernel) and the target
+x = u S, then
 
-So an untruncated step is two launches and reads the inputs once; `return_logprobs` adds one launch and
-one more read.
+  1. picks the tile t* whose interval [C_{t*-1}, C_{t*}) of the tile prefix sums C contains x;
+  2. re-reads that one tile (BLOCK tokens, about 1% of a 128k-vocabulary row at BLOCK 1024-2048) and
+     picks the token whose interval of the in-tile prefix sums contains f * s'_t*, where
+     f = (x - C_{t*-1}) / w_t* is x's position within the tile's interval and s'_t* the re-read mass.
 
-Noise. With `noise` given ([B, V] Gumbel values, the test path) the kernel draws argmax(logp + noise) like
-the reference. Otherwise it makes its own: Philox-4x32-10 keyed by the row's 64-bit seed, with counter
-(token id // 4, step low word, step high word, 0), of whose four output words token id % 4 picks one;
-then u = max(uniform, tiny) and G = -log(-log1p(-u)). A row's draw is a function of (seed, step, token
-ids, scores) only: not of its batch slot, of the other rows, of BLOCK or of the vocabulary split; and a
-step kept in a device tensor makes CUDA-graph replays draw fresh noise.
+In exact arithmetic this is the flat inverse CDF: the token is the smallest v with
+sum_{v' <= v} p[v'] > u, whatever the tiling, so (i) the law is exactly softmax(z) (P(v) = w_t/S *
+p_v/w_t), (ii) the token is the reference's (`reference.inverse_cdf_sample` with the same u), and (iii) it
+depends only on (seed, step, scores): not on the batch slot, the other rows, the vocabulary split or
+the tile size. In floating point the kernel sums in fp32 within a tile and in fp64 over tiles, the
+reference in fp64 over the row: the two can pick neighbouring tokens when u falls within rounding
+(~1e-7 relative) of a CDF boundary. For a fixed BLOCK the kernel's result is bitwise the same for any
+split and batch slot (each tile is reduced by the same code; the finishing step sums tiles in order).
+Compared with Gumbel-max (a Philox draw and two logarithms per token, which made pass 1 compute-bound),
+the noise costs one 64-bit hash per row, one pass over the tile prefix sums and one re-read tile.
 
-The CPU reference does not use Gumbel noise: it draws by inverse CDF from one `row_uniform(seed, step)`
-per row (one random number per row instead of B x V is what makes it cheap on CPU). So for the same seed
-and step the CPU and GPU paths draw from the same law but generally pick different tokens. That is
-accepted: runs are repeatable on one implementation, not across the two.
+With `noise` given ([B, V] Gumbel values: the test path) the kernels instead draw argmax(logp + noise)
+over the kept tokens like the reference's noise path (a running argmax per split, merged at the end).
 
-Where the kernel can differ from the reference (cases at the level of rounding or exact ties, which
-random scores do not hit):
-* The draw compares z + G, the reference (z - lse) + G: two candidates within rounding of each other can
-  order differently. Likewise greedy compares z where the reference compares z - lse.
+Truncation split over several programs per row, state on the device
+--------------------------------------------------------------------
+Every filter keeps an upper set of z (the k largest with ties, the smallest head of mass >= p with ties
+at its cut, everything >= p_max * min_p), so the kept set is {v : key(z_v) >= cut}, key the
+order-preserving int32 key of z. The cut is found by pivot search on the key: each pass counts (top-k)
+or sums exp(z - M) (top-p) at NUM_PIVOTS pivots of the current interval [lo, hi], shrinking it
+(NUM_PIVOTS + 1)-fold, so a fixed number of passes (8 with 16 pivots, 4 with 256) pins the cut. Each
+pass is one launch of `_search_pass_kernel` over (row, split) that writes per-split partials; the
+interval of a row lives in device memory and is narrowed at the start of the next pass by every split
+program alike (in the same order, so identically) from the previous pass's partials: no host round
+trip, and the number of launches does not depend on the data. Top-p searches above the top-k cut, its
+first pass also summing the mass D kept by top-k (target p D). `_kept_tiles_kernel` then applies the
+final narrowing and min-p and writes the kept mass of every tile, and the finishing step samples from
+those tiles as above. The host only knows which filters occur in the batch (packed once per batch, see
+below) to skip the passes of absent filters.
+
+Host cost
+---------
+The per-row settings are packed into two device tensors once per SamplingRows object and cached on it
+(re-packed if a field tensor is replaced or modified in place); workspaces are cached with them. The
+decoding loop keeps one SamplingRows object until its batch changes (`select` makes a new one), so a
+step pays the pack once per batch change, and a step with a [B] int64 step tensor launches the kernels
+without any other host-side tensor operation or synchronisation (so it can be captured in a CUDA graph
+once the rows were packed).
+
+Where the kernel can differ from the reference (rounding and exact ties, which random scores do not hit):
+* Draws: see above (fp32 tile sums against the reference's fp64 row CDF). Greedy rows compare z where the
+  reference compares z - lse.
 * Top-p keeps every token tied with the last kept one (the mass strictly ahead of a token counts tokens
   with a strictly larger score); the reference sorts, so among exact ties at the cut it keeps those its
   sort puts first. Top-k keeps ties in both.
@@ -54,12 +78,12 @@ compiled GPU code. `kernels.sample_next` is the entry point; it sends CPU tensor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .reference import SampleOutput
 from .rows import SamplingRows
@@ -70,17 +94,31 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 MAX_GUIDES = 8
 MAX_SPLITS = 128
 SEARCH_BLOCK_GPU = 512  # tokens per step of the top-k / top-p search on a GPU (H100: 512 beat 256 and 1024 at B = 256)
+PIVOTS_GPU = 16  # pivots per search pass on a GPU: 8 passes per filter (the GPU benchmark sweeps 16 / 64 / 256)
+BLOCK_GPU = 2048  # tokens per tile on a GPU
+TILE_SCAN = 1024  # tiles per step of the finishing step's scans over a row's tiles
 
 # Order-preserving int32 key of an fp32 value (see `_order_key`), precomputed for -inf: every value has a
 # key >= this one, so a cut at it keeps the whole row.
 _KEY_NEG_INF = tl.constexpr(-2139095041)
+KEY_NEG_INF = -2139095041
 # Larger than the key of any value: a cut at it keeps nothing (fully masked rows).
 _KEY_ABOVE_ALL = tl.constexpr(2147483647)
 _NO_TOKEN = tl.constexpr(2147483647)  # larger than any token id: "no candidate yet"
-_TINY = tl.constexpr(1.1754943508222875e-38)  # smallest normal fp32
-_LN2 = tl.constexpr(0.6931471805599453)
-# Compiled code may use the GPU's approximate special functions; the interpreter has only numpy's.
-_COMPILED = tl.constexpr(not INTERPRETED)
+_NO_TILE = tl.constexpr(2147483647)
+
+# Rows of the packed settings (see `PackedRows`).
+_F_TEMPERATURE, _F_TOP_P, _F_MIN_P = 0, 1, 2
+_I_TOP_K, _I_GREEDY, _I_SEED = 0, 1, 2
+
+
+def search_passes(pivots: int) -> int:
+    """Passes of the pivot search that pin one of 2^32 keys: each leaves ceil(width / (pivots + 1))."""
+    width, passes = 2**32, 0
+    while width > 1:
+        width = -(-width // (pivots + 1))
+        passes += 1
+    return passes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,71 +162,19 @@ def _order_key(x):
 
 
 @triton.jit
-def _log2(x):
-    """log2 on the special-function unit (lg2.approx: about 2^-22 relative error, absolute near 1) when
-    compiled; numpy's exact log2 under the interpreter. With `tl.log` the noise's logs and series took
-    ~105 of 260 us of the kernel on an H100 (B = 256, V = 151936, bf16); see benchmarks/RESULTS.md."""
-    if _COMPILED:
-        return libdevice.fast_log2f(x)
-    else:
-        return tl.log2(x)
+def _splitmix64(x):
+    """SplitMix64 finaliser on uint64 (wrapping arithmetic, logical shifts), as `rows.splitmix64`."""
+    z = x + 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
 
 
 @triton.jit
-def _exponential(u):
-    """E = -log1p(-u): an Exp(1) variate from u ~ U(0, 1), accurate for the small u that matter.
-
-    Small u give small E, i.e. the largest Gumbel values -log(E), the ones that win the argmax. log(1 - u)
-    loses u's digits there (1 - u rounds to 1 below u = 2^-25: E = 0 and an infinite Gumbel), and Triton
-    has no portable log1p. For u <= 1/4 use log1p(-u) = 2 atanh(s), s = -u / (2 - u), |s| <= 1/7:
-        -log1p(-u) = t (1 + q/3 + q^2/5 + q^3/7 + q^4/9),   t = 2|s| = u / (1 - u/2),  q = s^2 <= 1/49,
-    whose truncation error (q^5 / 11 < 4e-10, relative) is below fp32 rounding. For u > 1/4, 1 - u
-    rounds by at most 2^-25, a relative error below 2^-23 of E, and the approximate log2 adds < 6e-7.
-    """
-    t = u / (1.0 - 0.5 * u)  # plain `/` is the approximate division (2 ulp): the series absorbs it
-    q = 0.25 * t * t
-    series = tl.fma(q, tl.fma(q, tl.fma(q, tl.fma(q, 1.0 / 9, 1.0 / 7), 1.0 / 5), 1.0 / 3), 1.0)
-    return tl.where(u > 0.25, -_LN2 * _log2(1.0 - u), t * series)
-
-
-@triton.jit
-def _random_bits(seed, step, start, BLOCK: tl.constexpr):
-    """32 random bits for each token start .. start + BLOCK - 1 of a row: a pure function of (seed, step,
-    token id), whatever the block, split or batch slot.
-
-    Philox-4x32-10 keyed by the 64-bit seed maps a 128-bit counter to four 32-bit words. The counter
-    (token // 4, step low word, step high word, 0) and word token % 4 give each token its own bits, and
-    one Philox evaluation (about 100 integer operations) serves four tokens. `start` is a multiple of 4.
-    """
-    group = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.uint32)
-    zero = group * 0
-    step_lo = zero + (step & 0xFFFFFFFF).to(tl.uint32)
-    step_hi = zero + ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, group, step_lo, step_hi, zero)
-    # join stacks on a new last axis: [g, i, j] holds word 2i + j, so the row-major flattening puts word t
-    # of group g at position 4g + t, i.e. at token start + 4g + t.
-    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK])
-
-
-@triton.jit
-def _gumbel_noise(seed, step, start, BLOCK: tl.constexpr):
-    """Gumbel(0, 1) noise for the tokens start .. start + BLOCK - 1 of a row: G = -log(-log1p(-u))."""
-    # uniform in [0, 1 - 2^-24]; 0 is possible, and -log1p(-0) = 0 would give an infinite Gumbel
-    u = tl.maximum(tl.random.uint_to_uniform_float(_random_bits(seed, step, start, BLOCK)), _TINY)
-    # With the approximate log2, G is within ~3e-6 (absolute, at its largest values ~21) of the exact
-    # -log(E): under 2 ulp of the z + G it is added to.
-    return -_LN2 * _log2(_exponential(u))
-
-
-@triton.jit
-def _draw_scores(z, start, cols, row, noise_ptr, noise_stride, in_range, seed, step,
-                 HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """z + Gumbel noise: supplied noise when given (the reference's test path), else in-kernel noise."""
-    if HAS_NOISE:
-        g = tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-    else:
-        g = _gumbel_noise(seed, step, start, BLOCK)
-    return z + g
+def _row_uniform(seed, step):
+    """`rows.row_uniform(seed, step)` in the kernel: one fp64 uniform in [0, 1) with 53 random bits."""
+    z = _splitmix64(_splitmix64(seed.to(tl.uint64, bitcast=True)) + step.to(tl.uint64, bitcast=True))
+    return (z >> 11).to(tl.float64) * 1.1102230246251565e-16  # 2^-53
 
 
 @triton.jit
@@ -202,256 +188,367 @@ def _argmax_lanes(best, best_idx, best_z):
 
 
 @triton.jit
-def _row_filters(row, top_k_ptr, top_p_ptr, min_p_ptr, V):
-    """The row's truncation settings and whether any of them is on (top_k >= V keeps everything)."""
-    k = tl.load(top_k_ptr + row)
-    p = tl.load(top_p_ptr + row)
-    min_p = tl.load(min_p_ptr + row)
+def _row_settings(row, fparams, iparams, batch, V):
+    """The row's settings from the packed tensors, and which filters it uses (top_k >= V keeps all)."""
+    temperature = tl.load(fparams + row)
+    p = tl.load(fparams + batch + row)
+    min_p = tl.load(fparams + 2 * batch + row)
+    k = tl.load(iparams + row)
+    greedy = tl.load(iparams + batch + row) != 0
     use_k = (k > 0) & (k < V)
     use_p = p < 1.0
     use_min_p = min_p > 0.0
-    return k, p, min_p, use_k, use_p, use_min_p, use_k | use_p | use_min_p
+    return temperature, k, p, min_p, greedy, use_k, use_p, use_min_p
+
+
+@triton.jit
+def _row_max(row, tile_m_ptr, n_tiles, TILES: tl.constexpr):
+    """max over the row's tile maxima: the row's largest z (-inf for a fully masked row)."""
+    t = tl.arange(0, TILES)
+    acc = tl.full([TILES], float("-inf"), tl.float32)
+    for t0 in range(0, n_tiles, TILES):
+        acc = tl.maximum(acc, tl.load(tile_m_ptr + row * n_tiles + t0 + t, mask=t0 + t < n_tiles,
+                                      other=float("-inf")))
+    return tl.max(acc, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 1: one streaming pass over (a split of) each row
+# Pass 1: one streaming pass over (a split of) each row: per-tile max and mass
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _partials_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
-                     temperature_ptr, noise_ptr, noise_stride, seed_ptr, step_ptr, greedy_ptr,
-                     top_k_ptr, top_p_ptr, min_p_ptr,
-                     part_m_ptr, part_s_ptr, part_score_ptr, part_idx_ptr, part_z_ptr,
-                     V, chunk, n_splits,
-                     NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+def _tiles_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
+                  fparams, iparams, batch, noise_ptr, noise_stride,
+                  tile_m_ptr, tile_s_ptr, part_score_ptr, part_idx_ptr, part_z_ptr,
+                  V, n_tiles, tiles_per_split, n_splits,
+                  NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    temperature = tl.load(temperature_ptr + row).to(tl.float32)
-    seed = tl.load(seed_ptr + row)
-    step = tl.load(step_ptr + row)
-    _, _, _, _, _, _, filtered = _row_filters(row, top_k_ptr, top_p_ptr, min_p_ptr, V)
-    # Greedy rows need no noise; filtered rows draw later, over the kept set only.
-    draw = (tl.load(greedy_ptr + row) == 0) & (filtered == 0)
-
+    temperature = tl.load(fparams + row)
     lanes = tl.arange(0, BLOCK)
-    # Lane-wise running state: one cross-lane reduction at the end instead of one per block.
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # running max of z
-    s = tl.zeros([BLOCK], tl.float32)                # running sum of exp(z - m)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], _NO_TOKEN, tl.int32)
     best_z = tl.full([BLOCK], float("-inf"), tl.float32)
-
-    begin = split * chunk
-    end = tl.minimum(begin + chunk, V)
-    # Software-pipelined loads (3 stages): the next blocks' scores are in flight while this one is
-    # mixed; measured on an H100 at B = 256, V = 151936: 146 -> 140 us with noise, 92 -> 82 us greedy.
-    for start in tl.range(begin, end, BLOCK, num_stages=3):
-        cols = start + lanes
-        in_range = cols < end
-        z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
-                          guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-        # Online log-sum-exp with one exp per token: of exp(m - m_new) and exp(z - m_new) one is exp(0),
-        # and the other is e = exp(-|z - m|). A new max rescales the sum (s e + 1), otherwise e is added.
-        # A masked token (z = -inf) adds exactly 0, also while m is still -inf (where z - m is NaN).
-        e = tl.exp(-tl.abs(z - m))
-        s = tl.where(z > m, tl.fma(s, e, 1.0), s + tl.where(z == float("-inf"), 0.0, e))
-        m = tl.maximum(m, z)
-
-        score = z
-        if draw:
-            score = _draw_scores(z, start, cols, row, noise_ptr, noise_stride, in_range, seed, step,
-                                 HAS_NOISE, BLOCK)
-        # Strict > keeps the earliest token of a lane on ties; blocks are visited in token order.
-        take = score > best
-        best = tl.where(take, score, best)
-        best_idx = tl.where(take, cols, best_idx)
-        best_z = tl.where(take, z, best_z)
-
-    row_m = tl.max(m, axis=0)
-    row_shift = tl.where(row_m == float("-inf"), 0.0, row_m)
-    row_s = tl.sum(s * tl.exp(m - row_shift), axis=0)
-    top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
-
-    out = row * n_splits + split
-    tl.store(part_m_ptr + out, row_m)
-    tl.store(part_s_ptr + out, row_s)
-    tl.store(part_score_ptr + out, top)
-    tl.store(part_idx_ptr + out, pick)
-    tl.store(part_z_ptr + out, z_pick)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pass 2: merge the splits; truncated rows find their cut and draw over the kept set
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _kth_largest_key(row, k, lo, hi, policy_ptr, policy_stride, temperature, guides, guide_strides,
-                     weight_ptr, weight_stride, V,
-                     NUM_GUIDES: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """The key of the k-th largest z of the row (counting ties): the largest K with #{key >= K} >= k.
-
-    Invariant: #{key >= lo} >= k and #{key > hi} < k, so the answer lies in [lo, hi]. Each pass counts the
-    tokens at or above NUM_PIVOTS evenly spaced pivots in (lo, hi] and keeps the sub-interval where the
-    count crosses k; the interval shrinks (NUM_PIVOTS + 1)-fold per pass.
-    """
-    j = tl.arange(0, NUM_PIVOTS).to(tl.int64)
-    lanes = tl.arange(0, SEARCH_BLOCK)
-    while lo < hi:
-        width = hi - lo + 1
-        stride = (width + NUM_PIVOTS) // (NUM_PIVOTS + 1)  # ceil(width / (NUM_PIVOTS + 1)) >= 1
-        pivots = lo + stride * (j + 1)
-        # Counts accumulate lane-wise and are reduced once per pass: a cross-thread reduction per block
-        # made the search latency-bound (3.9 ms for one row of 128256 tokens on an H100).
-        counts = tl.zeros([SEARCH_BLOCK, NUM_PIVOTS], tl.int32)
-        for start in range(0, V, SEARCH_BLOCK):
-            cols = start + lanes
-            in_range = cols < V
-            z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
-                              guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-            key = _order_key(z).to(tl.int64)
-            counts += (key[:, None] >= pivots[None, :]).to(tl.int32)
-        enough = tl.sum(counts, axis=0) >= k
-        # Pivots above hi are never "enough" (invariant), so they leave hi as it is.
-        lo = tl.maximum(lo, tl.max(tl.where(enough, pivots, lo), axis=0))
-        hi = tl.minimum(hi, tl.min(tl.where(enough, hi, pivots - 1), axis=0))
-    return lo
-
-
-@triton.jit
-def _top_p_key(row, p, m, lo, hi, policy_ptr, policy_stride, temperature, guides, guide_strides,
-               weight_ptr, weight_stride, V,
-               NUM_GUIDES: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
-    """The top-p cut among tokens with key >= lo (the top-k set, or the whole row).
-
-    With e[v] = exp(z[v] - m) and D = sum of e over key >= lo, a token is kept when the mass strictly
-    ahead of it is < p, i.e. when G(key[v]) < p * D where G(K) = sum of e over lo <= key, key > K.
-    G does not increase with K, so the kept tokens are exactly those with key >= A, A the smallest K with
-    G(K) < p * D. Invariant: G(hi) < p * D (true at hi = key(max): nothing is ahead of the max) and
-    G(lo - 1) = D >= p * D, so A is in [lo, hi]. Pivots split [lo, hi) as in `_kth_largest_key`.
-    """
-    lanes = tl.arange(0, SEARCH_BLOCK)
-    mass = tl.zeros([SEARCH_BLOCK], tl.float32)
-    for start in range(0, V, SEARCH_BLOCK):
-        cols = start + lanes
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+    # Software-pipelined loads: the next tiles' scores are in flight while this one is reduced.
+    for t in tl.range(t_begin, t_end, 1, num_stages=3):
+        cols = t * BLOCK + lanes
         in_range = cols < V
         z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
                           guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-        mass += tl.where(_order_key(z).to(tl.int64) >= lo, tl.exp(z - m), 0.0)
-    target = p * tl.sum(mass, axis=0)
-
-    j = tl.arange(0, NUM_PIVOTS).to(tl.int64)
-    while lo < hi:
-        width = hi - lo + 1
-        stride = (width + NUM_PIVOTS) // (NUM_PIVOTS + 1)
-        pivots = lo - 1 + stride * (j + 1)
-        ahead = tl.zeros([SEARCH_BLOCK, NUM_PIVOTS], tl.float32)  # lane-wise, as in `_kth_largest_key`
-        for start in range(0, V, SEARCH_BLOCK):
-            cols = start + lanes
-            in_range = cols < V
-            z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
-                              guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-            key = _order_key(z).to(tl.int64)
-            e = tl.where(key >= lo, tl.exp(z - m), 0.0)
-            ahead += tl.where(key[:, None] > pivots[None, :], e[:, None], 0.0)
-        below = tl.sum(ahead, axis=0) < target
-        # Pivots at or above hi are always "below" (invariant), so they leave hi as it is.
-        hi = tl.minimum(hi, tl.min(tl.where(below, pivots, hi), axis=0))
-        lo = tl.maximum(lo, tl.max(tl.where(below, lo, pivots + 1), axis=0))
-    return lo
-
-
-@triton.jit
-def _draw_above_cut(row, cut, m, draw, policy_ptr, policy_stride, temperature, guides, guide_strides,
-                    weight_ptr, weight_stride, noise_ptr, noise_stride, seed, step, V,
-                    NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over the row: log of the kept mass (renormaliser) and, when `draw`, the Gumbel argmax
-    over kept tokens. The row max m is always kept, so the kept mass is >= 1."""
-    lanes = tl.arange(0, BLOCK)
-    s = tl.zeros([BLOCK], tl.float32)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK], _NO_TOKEN, tl.int32)
-    best_z = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, V, BLOCK):
-        cols = start + lanes
-        in_range = cols < V
-        z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
-                          guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
-        kept = _order_key(z) >= cut
-        s += tl.where(kept, tl.exp(z - m), 0.0)
-        if draw:
-            score = _draw_scores(z, start, cols, row, noise_ptr, noise_stride, in_range, seed, step,
-                                 HAS_NOISE, BLOCK)
-            take = kept & (score > best)
+        m_t = tl.max(z, axis=0)
+        # A fully masked tile has mass 0 (exp(-inf) = 0), not NaN.
+        s_t = tl.sum(tl.exp(z - tl.where(m_t == float("-inf"), 0.0, m_t)), axis=0)
+        tl.store(tile_m_ptr + row * n_tiles + t, m_t)
+        tl.store(tile_s_ptr + row * n_tiles + t, s_t)
+        if HAS_NOISE:
+            score = z + tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+            take = score > best  # strict: the earliest token of a lane wins ties; tiles go in token order
             best = tl.where(take, score, best)
             best_idx = tl.where(take, cols, best_idx)
             best_z = tl.where(take, z, best_z)
-    _, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
-    return m + tl.log(tl.sum(s, axis=0)), pick, z_pick
+    if HAS_NOISE:
+        top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
+        out = row * n_splits + split
+        tl.store(part_score_ptr + out, top)
+        tl.store(part_idx_ptr + out, pick)
+        tl.store(part_z_ptr + out, z_pick)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Truncation: pivot search split over programs, the interval kept on the device
+# ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _finish_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
-                   temperature_ptr, noise_ptr, noise_stride, seed_ptr, step_ptr, greedy_ptr,
-                   top_k_ptr, top_p_ptr, min_p_ptr,
-                   part_m_ptr, part_s_ptr, part_score_ptr, part_idx_ptr, part_z_ptr, n_splits,
-                   token_ptr, logprob_ptr, lse_ptr, cut_ptr, V,
-                   NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK: tl.constexpr, SEARCH_BLOCK: tl.constexpr, NUM_PIVOTS: tl.constexpr):
+def _search_init_kernel(fparams, iparams, batch, tile_m_ptr, n_tiles, row_max_ptr, lo_ptr, hi_ptr, V,
+                        TILES: tl.constexpr):
+    """The row's max z, and the first top-k interval [key(-inf), key(max)] (empty where unused)."""
     row = tl.program_id(0).to(tl.int64)
+    _, _, _, _, _, use_k, _, _ = _row_settings(row, fparams, iparams, batch, V)
+    m = _row_max(row, tile_m_ptr, n_tiles, TILES)
+    tl.store(row_max_ptr + row, m)
+    finite = (m > float("-inf")) & (m < float("inf"))
+    lo = tl.full([], _KEY_NEG_INF, tl.int64)
+    hi = tl.where(use_k & finite, _order_key(m).to(tl.int64), lo)
+    tl.store(lo_ptr + row, lo)
+    tl.store(hi_ptr + row, hi)
 
-    # Merge the splits: logsumexp of partial logsumexps, and the best of the partial argmaxes.
-    j = tl.arange(0, SPLITS)
-    valid = j < n_splits
-    part = row * n_splits + j
-    part_m = tl.load(part_m_ptr + part, mask=valid, other=float("-inf"))
-    part_s = tl.load(part_s_ptr + part, mask=valid, other=0.0)
-    m = tl.max(part_m, axis=0)
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    lse = m + tl.log(tl.sum(part_s * tl.exp(part_m - shift), axis=0))
-    # A fully masked row has lse = -inf (and +inf from a +inf score gives NaN): it draws token 0 with
-    # log-prob -inf and all log-probs -inf, as in the reference, never NaN.
-    finite = (lse > float("-inf")) & (lse < float("inf"))
-    _, pick, z_pick = _argmax_lanes(tl.load(part_score_ptr + part, mask=valid, other=float("-inf")),
-                                    tl.load(part_idx_ptr + part, mask=valid, other=_NO_TOKEN),
-                                    tl.load(part_z_ptr + part, mask=valid, other=float("-inf")))
-    found = finite & (pick < _NO_TOKEN)
-    token = tl.where(found, pick, 0).to(tl.int64)
-    logprob = tl.where(found, z_pick - lse, float("-inf"))
-    cut = tl.full([], _KEY_NEG_INF, tl.int32)
-    kept_lse = lse
 
-    k, p, min_p, use_k, use_p, use_min_p, filtered = _row_filters(row, top_k_ptr, top_p_ptr, min_p_ptr, V)
-    if filtered & finite:
-        temperature = tl.load(temperature_ptr + row).to(tl.float32)
-        greedy = tl.load(greedy_ptr + row)
-        top_key = _order_key(m).to(tl.int64)
-        cut64 = tl.full([], _KEY_NEG_INF, tl.int64)
-        if use_k:
-            cut64 = _kth_largest_key(row, k, cut64, top_key, policy_ptr, policy_stride, temperature,
-                                     guides, guide_strides, weight_ptr, weight_stride, V,
-                                     NUM_GUIDES, SEARCH_BLOCK, NUM_PIVOTS)
-        if use_p:
-            cut64 = _top_p_key(row, p, m, cut64, top_key, policy_ptr, policy_stride, temperature,
-                               guides, guide_strides, weight_ptr, weight_stride, V,
-                               NUM_GUIDES, SEARCH_BLOCK, NUM_PIVOTS)
+@triton.jit
+def _narrowed(row, n, n_k, lo_ptr, hi_ptr, cnt_ptr, mass_ptr, dmass_ptr, batch, n_splits, k, p,
+              NUM_PIVOTS: tl.constexpr, SPLITS: tl.constexpr):
+    """The interval [lo, hi] of pass n: the one pass n - 1 searched (state n), narrowed by its partials.
+
+    Top-k (pass n - 1 < n_k) keeps the invariant #{key >= lo} >= k > #{key > hi}: pivots
+    lo + stride (j + 1) with count >= k raise lo, the others lower hi. Top-p keeps G(hi) < p D <= G(lo - 1),
+    G(K) the mass with key > K among tokens above the top-k cut and D that set's mass: pivots
+    lo - 1 + stride (j + 1). Partials are summed over splits in split order, the same in every program.
+    """
+    lo = tl.load(lo_ptr + n * batch + row)
+    hi = tl.load(hi_ptr + n * batch + row)
+    if n > 0:
+        if lo < hi:
+            j = tl.arange(0, NUM_PIVOTS).to(tl.int64)
+            s = tl.arange(0, SPLITS)
+            prev = ((n - 1) * batch + row) * n_splits
+            idx = (prev + s)[:, None] * NUM_PIVOTS + j[None, :]
+            valid = (s < n_splits)[:, None]
+            width = hi - lo + 1
+            stride = (width + NUM_PIVOTS) // (NUM_PIVOTS + 1)  # ceil(width / (NUM_PIVOTS + 1)) >= 1
+            if n - 1 < n_k:
+                counts = tl.sum(tl.load(cnt_ptr + idx, mask=valid, other=0), axis=0)
+                pivots = lo + stride * (j + 1)
+                enough = counts >= k
+                # Pivots above hi are never "enough" (invariant), so they leave hi as it is.
+                new_lo = tl.maximum(lo, tl.max(tl.where(enough, pivots, lo), axis=0))
+                new_hi = tl.minimum(hi, tl.min(tl.where(enough, hi, pivots - 1), axis=0))
+            else:
+                ahead = tl.sum(tl.load(mass_ptr + idx, mask=valid, other=0.0), axis=0)
+                total = tl.sum(tl.load(dmass_ptr + row * n_splits + s, mask=s < n_splits, other=0.0), axis=0)
+                pivots = lo - 1 + stride * (j + 1)
+                below = ahead < p * total
+                # Pivots at or above hi are always "below" (invariant), so they leave hi as it is.
+                new_hi = tl.minimum(hi, tl.min(tl.where(below, pivots, hi), axis=0))
+                new_lo = tl.maximum(lo, tl.max(tl.where(below, lo, pivots + 1), axis=0))
+            lo = new_lo
+            hi = new_hi
+    return lo, hi
+
+
+@triton.jit
+def _search_pass_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
+                        fparams, iparams, batch, row_max_ptr, lo_ptr, hi_ptr, cnt_ptr, mass_ptr, dmass_ptr,
+                        n, n_k, V, chunk, n_splits,
+                        NUM_GUIDES: tl.constexpr, TOP_P: tl.constexpr, SEARCH_BLOCK: tl.constexpr,
+                        NUM_PIVOTS: tl.constexpr, SPLITS: tl.constexpr):
+    """Pass n of the search over one split of a row: narrow the interval from pass n - 1, then count the
+    tokens (top-k) or sum the mass (top-p) at or above / above each pivot of the new interval."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    temperature, k, p, _, _, _, use_p, _ = _row_settings(row, fparams, iparams, batch, V)
+    lo, hi = _narrowed(row, n, n_k, lo_ptr, hi_ptr, cnt_ptr, mass_ptr, dmass_ptr, batch, n_splits, k, p,
+                       NUM_PIVOTS, SPLITS)
+    m = tl.load(row_max_ptr + row)
+    if TOP_P:
+        if n == n_k:  # the first top-p pass: search above the top-k cut (lo; the k interval is closed)
+            finite = (m > float("-inf")) & (m < float("inf"))
+            hi = tl.where(use_p & finite, _order_key(m).to(tl.int64), lo)
+    if split == 0:
+        tl.store(lo_ptr + (n + 1) * batch + row, lo)
+        tl.store(hi_ptr + (n + 1) * batch + row, hi)
+    if lo < hi:
+        j = tl.arange(0, NUM_PIVOTS).to(tl.int64)
+        lanes = tl.arange(0, SEARCH_BLOCK)
+        width = hi - lo + 1
+        stride = (width + NUM_PIVOTS) // (NUM_PIVOTS + 1)
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, V)
+        out = ((n * batch + row) * n_splits + split) * NUM_PIVOTS + j
+        if TOP_P:
+            pivots = lo - 1 + stride * (j + 1)
+            # Lane-wise sums reduced once per pass (a cross-thread reduction per block is latency-bound).
+            ahead = tl.zeros([SEARCH_BLOCK, NUM_PIVOTS], tl.float32)
+            kept = tl.zeros([SEARCH_BLOCK], tl.float32)
+            for start in range(begin, end, SEARCH_BLOCK):
+                cols = start + lanes
+                z = _mixed_scores(row, cols, cols < end, policy_ptr, policy_stride, temperature,
+                                  guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
+                key = _order_key(z).to(tl.int64)
+                e = tl.where(key >= lo, tl.exp(z - m), 0.0)
+                kept += e
+                ahead += tl.where(key[:, None] > pivots[None, :], e[:, None], 0.0)
+            tl.store(mass_ptr + out, tl.sum(ahead, axis=0))
+            if n == n_k:
+                tl.store(dmass_ptr + row * n_splits + split, tl.sum(kept, axis=0))
+        else:
+            pivots = lo + stride * (j + 1)
+            counts = tl.zeros([SEARCH_BLOCK, NUM_PIVOTS], tl.int32)
+            for start in range(begin, end, SEARCH_BLOCK):
+                cols = start + lanes
+                z = _mixed_scores(row, cols, cols < end, policy_ptr, policy_stride, temperature,
+                                  guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
+                key = _order_key(z).to(tl.int64)
+                counts += (key[:, None] >= pivots[None, :]).to(tl.int32)
+            tl.store(cnt_ptr + out, tl.sum(counts, axis=0))
+
+
+@triton.jit
+def _kept_tiles_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
+                       fparams, iparams, batch, noise_ptr, noise_stride, row_max_ptr,
+                       lo_ptr, hi_ptr, cnt_ptr, mass_ptr, dmass_ptr, n_passes, n_k, cut_ptr,
+                       tile_m_ptr, kept_s_ptr, part_score_ptr, part_idx_ptr, part_z_ptr,
+                       V, n_tiles, tiles_per_split, n_splits,
+                       NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+                       NUM_PIVOTS: tl.constexpr, SPLITS: tl.constexpr):
+    """The final cut of a truncated row (last narrowing, then min-p), and the kept mass of every tile
+    (with supplied noise also the split's argmax of z + noise over kept tokens)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    temperature, k, p, min_p, _, use_k, use_p, use_min_p = _row_settings(row, fparams, iparams, batch, V)
+    m = tl.load(row_max_ptr + row)
+    finite = (m > float("-inf")) & (m < float("inf"))
+    if (use_k | use_p | use_min_p) & finite:
+        cut, _ = _narrowed(row, n_passes, n_k, lo_ptr, hi_ptr, cnt_ptr, mass_ptr, dmass_ptr, batch,
+                           n_splits, k, p, NUM_PIVOTS, SPLITS)
         if use_min_p:
             # p >= min_p * p_max  <=>  z >= max(z) + log(min_p): no search needed.
-            cut64 = tl.maximum(cut64, _order_key(m + tl.log(min_p)).to(tl.int64))
-        cut = cut64.to(tl.int32)
-        seed = tl.load(seed_ptr + row)
-        step = tl.load(step_ptr + row)
-        kept_lse, kept_pick, kept_z = _draw_above_cut(
-            row, cut, m, greedy == 0, policy_ptr, policy_stride, temperature, guides, guide_strides,
-            weight_ptr, weight_stride, noise_ptr, noise_stride, seed, step, V, NUM_GUIDES, HAS_NOISE, BLOCK)
-        if greedy != 0:
-            # Truncation never drops the max, so the greedy token of pass 1 stands; only its
-            # log-prob is renormalised over the kept set.
-            logprob = z_pick - kept_lse
+            cut = tl.maximum(cut, _order_key(m + tl.log(min_p)).to(tl.int64))
+        if split == 0:
+            tl.store(cut_ptr + row, cut.to(tl.int32))
+        lanes = tl.arange(0, BLOCK)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.full([BLOCK], _NO_TOKEN, tl.int32)
+        best_z = tl.full([BLOCK], float("-inf"), tl.float32)
+        t_begin = split * tiles_per_split
+        t_end = tl.minimum(t_begin + tiles_per_split, n_tiles)
+        for t in range(t_begin, t_end):
+            cols = t * BLOCK + lanes
+            in_range = cols < V
+            z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
+                              guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
+            kept = _order_key(z).to(tl.int64) >= cut
+            m_t = tl.load(tile_m_ptr + row * n_tiles + t)
+            e = tl.where(kept, tl.exp(z - tl.where(m_t == float("-inf"), 0.0, m_t)), 0.0)
+            tl.store(kept_s_ptr + row * n_tiles + t, tl.sum(e, axis=0))
+            if HAS_NOISE:
+                g = tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
+                score = tl.where(kept, z + g, float("-inf"))
+                take = score > best
+                best = tl.where(take, score, best)
+                best_idx = tl.where(take, cols, best_idx)
+                best_z = tl.where(take, z, best_z)
+        if HAS_NOISE:
+            top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
+            out = row * n_splits + split
+            tl.store(part_score_ptr + out, top)
+            tl.store(part_idx_ptr + out, pick)
+            tl.store(part_z_ptr + out, z_pick)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The finishing step: one program per row
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["step_value"])
+def _finish_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
+                   fparams, iparams, batch, step_ptr, step_value,
+                   tile_m_ptr, tile_s_ptr, kept_s_ptr, cut_ptr,
+                   part_score_ptr, part_idx_ptr, part_z_ptr, n_splits,
+                   token_ptr, logprob_ptr, lse_ptr, V, n_tiles,
+                   NUM_GUIDES: tl.constexpr, HAS_NOISE: tl.constexpr, ANY_FILTER: tl.constexpr,
+                   STEP_PER_ROW: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                   TILES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    temperature, _, _, _, greedy, use_k, use_p, use_min_p = _row_settings(row, fparams, iparams, batch, V)
+    filtered = use_k | use_p | use_min_p
+    if not ANY_FILTER:
+        filtered = False
+    t = tl.arange(0, TILES)
+    base = row * n_tiles
+
+    # The row's max, its mass and the kept mass (tile masses scaled to the row max, summed in fp64).
+    m = _row_max(row, tile_m_ptr, n_tiles, TILES)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    full = tl.zeros([TILES], tl.float64)
+    kept = tl.zeros([TILES], tl.float64)
+    for t0 in range(0, n_tiles, TILES):
+        valid = t0 + t < n_tiles
+        m_t = tl.load(tile_m_ptr + base + t0 + t, mask=valid, other=float("-inf"))
+        scale = tl.exp(m_t - shift)
+        w = tl.load(tile_s_ptr + base + t0 + t, mask=valid, other=0.0) * scale
+        full += w.to(tl.float64)
+        if filtered:
+            kept += (tl.load(kept_s_ptr + base + t0 + t, mask=valid, other=0.0) * scale).to(tl.float64)
+    total = tl.sum(full, axis=0)
+    lse = m + tl.log(total.to(tl.float32))
+    kept_total = total
+    if filtered:
+        kept_total = tl.sum(kept, axis=0)
+    kept_lse = m + tl.log(kept_total.to(tl.float32))
+    # A fully masked row has lse = -inf (and +inf or NaN scores give NaN): it draws token 0 with
+    # log-prob -inf and all log-probs -inf, as in the reference, never NaN.
+    finite = (lse > float("-inf")) & (lse < float("inf"))
+    cut = tl.full([], _KEY_NEG_INF, tl.int32)
+    if filtered:
+        cut = tl.load(cut_ptr + row)
+    token = tl.zeros([], tl.int64)
+    logprob = tl.full([], float("-inf"), tl.float32)
+
+    if finite:
+        if (greedy == 0) & HAS_NOISE:
+            # Supplied noise: merge the splits' argmaxes of z + noise (over kept tokens where filtered).
+            j = tl.arange(0, SPLITS)
+            ok = j < n_splits
+            part = row * n_splits + j
+            _, pick, z_pick = _argmax_lanes(tl.load(part_score_ptr + part, mask=ok, other=float("-inf")),
+                                            tl.load(part_idx_ptr + part, mask=ok, other=_NO_TOKEN),
+                                            tl.load(part_z_ptr + part, mask=ok, other=float("-inf")))
+            if pick < _NO_TOKEN:
+                token = pick.to(tl.int64)
+                logprob = z_pick - kept_lse
         else:
-            token = kept_pick.to(tl.int64)
-            logprob = kept_z - kept_lse
+            # The tile to re-read: greedy rows the first tile holding the max; sampled rows the tile whose
+            # interval of the tile prefix sums holds x = u * (kept mass).
+            if STEP_PER_ROW:
+                step = tl.load(step_ptr + row)
+            else:
+                step = step_value.to(tl.int64)
+            x = _row_uniform(tl.load(iparams + 2 * batch + row), step) * kept_total
+            carry = tl.zeros([], tl.float64)
+            chosen = tl.full([], _NO_TILE, tl.int32)
+            before = tl.zeros([], tl.float64)  # prefix sum before the chosen tile
+            width = tl.zeros([], tl.float64)   # the chosen tile's mass
+            last = tl.full([], -1, tl.int32)   # the last tile with mass (if rounding leaves x past the end)
+            for t0 in range(0, n_tiles, TILES):
+                valid = t0 + t < n_tiles
+                m_t = tl.load(tile_m_ptr + base + t0 + t, mask=valid, other=float("-inf"))
+                if greedy:
+                    chosen = tl.minimum(chosen, tl.min(tl.where(m_t == m, t0 + t, _NO_TILE), axis=0))
+                else:
+                    if filtered:
+                        s_t = tl.load(kept_s_ptr + base + t0 + t, mask=valid, other=0.0)
+                    else:
+                        s_t = tl.load(tile_s_ptr + base + t0 + t, mask=valid, other=0.0)
+                    w = (s_t * tl.exp(m_t - shift)).to(tl.float64)
+                    c = carry + tl.cumsum(w, axis=0)
+                    hit = tl.min(tl.where(c > x, t0 + t, _NO_TILE), axis=0)
+                    if chosen == _NO_TILE:
+                        if hit < _NO_TILE:
+                            chosen = hit
+                            width = tl.sum(tl.where(t0 + t == hit, w, 0.0), axis=0)
+                            before = tl.sum(tl.where(t0 + t == hit, c, 0.0), axis=0) - width
+                    last = tl.maximum(last, tl.max(tl.where(w > 0, t0 + t, -1), axis=0))
+                    carry = tl.sum(tl.where(valid, w, 0.0), axis=0) + carry
+            frac = tl.zeros([], tl.float64)
+            if not greedy:
+                if chosen == _NO_TILE:
+                    chosen = last
+                    frac = tl.full([], 1.0, tl.float64)
+                else:
+                    frac = (x - before) / width
+            # Re-read the chosen tile.
+            lanes = tl.arange(0, BLOCK)
+            cols = chosen.to(tl.int64) * BLOCK + lanes
+            in_range = cols < V
+            z = _mixed_scores(row, cols, in_range, policy_ptr, policy_stride, temperature,
+                              guides, guide_strides, weight_ptr, weight_stride, NUM_GUIDES)
+            if greedy:
+                pick = tl.min(tl.where(z == m, cols, _NO_TOKEN), axis=0)
+            else:
+                m_c = tl.load(tile_m_ptr + base + chosen)
+                e = tl.exp(z - tl.where(m_c == float("-inf"), 0.0, m_c))
+                e = tl.where(in_range & (_order_key(z) >= cut), e, 0.0).to(tl.float64)
+                c = tl.cumsum(e, axis=0)
+                target = frac * tl.sum(e, axis=0)
+                pick = tl.min(tl.where(c > target, cols, _NO_TOKEN), axis=0)
+                if pick == _NO_TOKEN:  # rounding put the target at the tile's end: its last kept token
+                    pick = tl.max(tl.where(e > 0, cols, -1), axis=0)
+            token = pick.to(tl.int64)
+            logprob = tl.max(tl.where(cols == pick, z, float("-inf")), axis=0) - kept_lse
 
     tl.store(token_ptr + row, token)
     tl.store(logprob_ptr + row, logprob)
@@ -460,17 +557,17 @@ def _finish_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optional pass 3: the full truncated log-probs
+# Optional: the full truncated log-probs
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _logprobs_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, weight_stride,
-                     temperature_ptr, lse_ptr, cut_ptr, out_ptr, out_stride, V, chunk,
+                     fparams, lse_ptr, cut_ptr, out_ptr, out_stride, V, chunk,
                      NUM_GUIDES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    temperature = tl.load(temperature_ptr + row).to(tl.float32)
+    temperature = tl.load(fparams + row)
     lse = tl.load(lse_ptr + row)
     cut = tl.load(cut_ptr + row)  # keeps nothing in a fully masked row, so its lse is never used
     lanes = tl.arange(0, BLOCK)
@@ -490,6 +587,7 @@ def _logprobs_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_pt
 # ----------------------------------------------------------------------------------------------------------
 
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ROW_FIELDS = tuple(f.name for f in fields(SamplingRows))
 
 
 def _check_scores(name: str, t: torch.Tensor, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -503,39 +601,89 @@ def _check_scores(name: str, t: torch.Tensor, shape: tuple[int, int], device: to
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _row_column(name: str, t: torch.Tensor, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if tuple(t.shape) != (batch,):
-        raise ValueError(f"rows.{name} has shape {tuple(t.shape)}, expected ({batch},)")
-    return t.to(device=device, dtype=dtype).contiguous()
+@dataclass
+class PackedRows:
+    """A batch's settings as the kernels read them, built once per SamplingRows object (per batch).
+
+    fparams [3, B] float32: temperature, top_p, min_p; iparams [3, B] int64: top_k, greedy, seed. The
+    any_* flags (one host synchronisation when packing) say which filter passes a step must launch.
+    workspaces: scratch buffers by launch shape, reused by the steps of the same batch.
+    """
+
+    key: tuple
+    fparams: torch.Tensor
+    iparams: torch.Tensor
+    any_k: bool
+    any_p: bool
+    any_filter: bool
+    workspaces: dict
 
 
-def _step_column(step: torch.Tensor | int, batch: int, device: torch.device) -> torch.Tensor:
+def _rows_key(rows: SamplingRows, device: torch.device) -> tuple:
+    # Identity and in-place version of every field: replacing or modifying a field re-packs.
+    return (device,) + tuple((id(t), t._version) for t in (getattr(rows, n) for n in _ROW_FIELDS))
+
+
+def pack_rows(rows: SamplingRows, batch: int, vocab: int, device: torch.device) -> PackedRows:
+    """The packed settings of `rows`, cached on the object: a step with the same rows pays only a key check."""
+    key = _rows_key(rows, device) + (vocab,)
+    packed = rows.__dict__.get("_kernel_pack")
+    if packed is not None and packed.key == key:
+        return packed
+    for name in _ROW_FIELDS:
+        t = getattr(rows, name)
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"rows.{name} has shape {tuple(t.shape)}, expected ({batch},)")
+    fparams = torch.stack([rows.temperature.to(device, torch.float32), rows.top_p.to(device, torch.float32),
+                           rows.min_p.to(device, torch.float32)]).contiguous()
+    iparams = torch.stack([rows.top_k.to(device, torch.int64), rows.greedy.to(device, torch.int64),
+                           rows.seed.to(device, torch.int64)]).contiguous()
+    top_k = iparams[_I_TOP_K]
+    flags = torch.stack([((top_k > 0) & (top_k < vocab)).any(), (fparams[_F_TOP_P] < 1).any(),
+                         (fparams[_F_MIN_P] > 0).any()]).tolist()  # the one synchronisation
+    packed = PackedRows(key=key, fparams=fparams, iparams=iparams, any_k=flags[0], any_p=flags[1],
+                        any_filter=any(flags), workspaces={})
+    rows.__dict__["_kernel_pack"] = packed
+    return packed
+
+
+def _step_argument(step: torch.Tensor | int, batch: int, device: torch.device):
+    """(step tensor or None, scalar step): a [B] int64 tensor on the device is used as it is (no op)."""
+    if isinstance(step, int):
+        return None, step
+    if (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.device == device
+            and step.shape == (batch,) and step.stride(0) == 1):
+        return step, 0  # the decoding loop's per-row steps: nothing to do
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
     if step.ndim == 0:
         step = step.expand(batch)
     if tuple(step.shape) != (batch,):
         raise ValueError(f"step must be an int, a scalar tensor or shape ({batch},), got {tuple(step.shape)}")
-    return step.contiguous()
+    return step.contiguous(), 0
 
 
-def _launch_shape(batch: int, vocab: int, device: torch.device, block: int | None, splits: int | None):
-    """(BLOCK, SEARCH_BLOCK, NUM_PIVOTS, number of splits, tokens per split, num_warps).
+def _launch_shape(batch: int, vocab: int, device: torch.device, block: int | None, splits: int | None,
+                  pivots: int | None):
+    """(BLOCK, SEARCH_BLOCK, NUM_PIVOTS, number of splits, tiles per split, num_warps).
 
-    On a GPU BLOCK is fixed (no autotuning: the draw does not depend on it, but the log-probs' last bits
-    do). The vocabulary is split so that about two programs per SM run when the batch alone cannot
-    fill the GPU. Under the interpreter every program costs Python overhead, so blocks are as large as
-    the row (up to 4096) and rows are not split unless asked.
+    BLOCK is the tile: on a GPU fixed (no autotuning: tokens and log-probs are bitwise repeatable for a
+    fixed BLOCK). The vocabulary is split so that about two programs per SM run when the batch alone
+    cannot fill the GPU. Under the interpreter every program costs Python overhead, so tiles are as large
+    as the row (up to 4096) and rows are not split unless asked.
     """
     if block is None:
-        block = min(2048 if device.type == "cuda" else 4096, max(16, triton.next_power_of_2(vocab)))
+        block = min(BLOCK_GPU if device.type == "cuda" else 4096, max(16, triton.next_power_of_2(vocab)))
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-    search_block = SEARCH_BLOCK_GPU if device.type == "cuda" else min(1024, block)
-    # Pivots per search pass: passes = ceil(32 / log2(pivots + 1)). On a GPU the [SEARCH_BLOCK, pivots]
-    # compare tile must fit in registers; under the interpreter each pass costs Python overhead and the
-    # tile is one numpy op, so fewer, wider passes win.
-    pivots = 16 if device.type == "cuda" else 256
-    n_blocks = triton.cdiv(vocab, block)
+    search_block = min(SEARCH_BLOCK_GPU if device.type == "cuda" else 1024, block)
+    # Pivots per search pass: passes = search_passes(pivots). On a GPU the [SEARCH_BLOCK, pivots] compare
+    # tile must fit in registers; under the interpreter each pass costs Python overhead and the tile is one
+    # numpy op, so fewer, wider passes win.
+    if pivots is None:
+        pivots = PIVOTS_GPU if device.type == "cuda" else 256
+    if pivots < 2 or pivots & (pivots - 1):
+        raise ValueError(f"pivots must be a power of two >= 2, got {pivots}")
+    n_tiles = triton.cdiv(vocab, block)
     if splits is None:
         if device.type == "cuda":
             sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -544,11 +692,35 @@ def _launch_shape(batch: int, vocab: int, device: torch.device, block: int | Non
             splits = 1
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    splits = min(splits, n_blocks, MAX_SPLITS)
-    blocks_per_split = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, blocks_per_split)
+    splits = min(splits, n_tiles, MAX_SPLITS)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
     num_warps = 8 if block >= 2048 else 4
-    return block, search_block, pivots, splits, blocks_per_split * block, num_warps
+    return block, search_block, pivots, splits, tiles_per_split, num_warps
+
+
+def _workspace(packed: PackedRows, batch: int, vocab: int, device: torch.device, block: int, n_splits: int,
+               pivots: int, n_passes: int) -> dict:
+    """Scratch buffers of one launch shape, kept with the packed rows (reused while the batch lasts)."""
+    shape_key = (vocab, block, n_splits, pivots, n_passes)
+    ws = packed.workspaces.get(shape_key)
+    if ws is None:
+        n_tiles = triton.cdiv(vocab, block)
+        f32 = dict(dtype=torch.float32, device=device)
+        ws = dict(
+            tile_m=torch.empty(batch, n_tiles, **f32), tile_s=torch.empty(batch, n_tiles, **f32),
+            kept_s=torch.empty(batch, n_tiles, **f32), lse=torch.empty(batch, **f32),
+            cut=torch.empty(batch, dtype=torch.int32, device=device), row_max=torch.empty(batch, **f32),
+            part_score=torch.empty(batch, n_splits, **f32), part_z=torch.empty(batch, n_splits, **f32),
+            part_idx=torch.empty(batch, n_splits, dtype=torch.int32, device=device),
+            lo=torch.empty(n_passes + 1, batch, dtype=torch.int64, device=device),
+            hi=torch.empty(n_passes + 1, batch, dtype=torch.int64, device=device),
+            cnt=torch.empty(max(n_passes, 1), batch, n_splits, pivots, dtype=torch.int32, device=device),
+            mass=torch.empty(max(n_passes, 1), batch, n_splits, pivots, **f32),
+            dmass=torch.empty(batch, n_splits, **f32),
+        )
+        packed.workspaces[shape_key] = ws
+    return ws
 
 
 def mix_and_sample_triton(
@@ -562,13 +734,15 @@ def mix_and_sample_triton(
     *,
     block: int | None = None,
     splits: int | None = None,
+    pivots: int | None = None,
 ) -> SampleOutput:
-    """The Triton twin of `reference.mix_and_sample_reference` (same arguments, same law).
+    """The Triton twin of `reference.mix_and_sample_reference` (same arguments, same law, same draws).
 
     policy: [B, V] scores; guides: up to MAX_GUIDES tensors [B, V] (fp32, bf16 or fp16 each);
-    weights: [B, R]; rows: per-row settings (temperature, top-k/p, min-p, greedy, seed); step: the row's
-    decoding step (int or [B] tensor), the second half of the noise key; noise: optional [B, V] Gumbel
-    noise replacing the in-kernel noise. `block` and `splits` override the launch shape (tests).
+    weights: [B, R]; rows: per-row settings (temperature, top-k/p, min-p, greedy, seed), packed once per
+    object (`pack_rows`); step: the row's decoding step (int or [B] tensor), the second half of the random
+    key; noise: optional [B, V] Gumbel noise replacing the inverse CDF (tests). `block` (the tile),
+    `splits` and `pivots` override the launch shape (tests, benchmarks).
     """
     if policy.ndim != 2:
         raise ValueError(f"policy scores must be [batch, vocab], got shape {tuple(policy.shape)}")
@@ -589,59 +763,69 @@ def mix_and_sample_triton(
             raise ValueError(f"weights must have shape ({batch}, {len(guides)}) for {len(guides)} guide(s), got {got}")
         if not weights.is_floating_point():
             raise ValueError(f"weights must be floating point, got {weights.dtype}")
-        weights = weights.to(device).contiguous()
+        if weights.device != device or weights.stride(-1) != 1:
+            weights = weights.to(device).contiguous()
     else:
         weights = policy  # never read: NUM_GUIDES = 0
     if noise is not None:
         noise = _check_scores("noise", noise, shape, device)
     if rows is None:
         rows = SamplingRows.build(batch, device=device)
-
-    temperature = _row_column("temperature", rows.temperature, batch, torch.float32, device)
-    top_k = _row_column("top_k", rows.top_k, batch, torch.int64, device)
-    top_p = _row_column("top_p", rows.top_p, batch, torch.float32, device)
-    min_p = _row_column("min_p", rows.min_p, batch, torch.float32, device)
-    greedy = _row_column("greedy", rows.greedy, batch, torch.int8, device)
-    seed = _row_column("seed", rows.seed, batch, torch.int64, device)
-    steps = _step_column(step, batch, device)
-
-    block, search_block, pivots, n_splits, chunk, num_warps = _launch_shape(batch, vocab, device, block, splits)
+    step_tensor, step_value = _step_argument(step, batch, device)
+    block, search_block, pivots, n_splits, tiles_per_split, num_warps = _launch_shape(
+        batch, vocab, device, block, splits, pivots)
+    packed = pack_rows(rows, batch, vocab, device)
     if device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             "the Triton mix-and-sample kernel needs CUDA tensors (CPU tensors run only under the Triton "
             "interpreter: TRITON_INTERPRET=1 set before triton is imported); use kernels.sample_next, which "
             "sends CPU tensors to the torch reference")
+    per_filter = search_passes(pivots)
+    n_k = per_filter if packed.any_k else 0
+    n_passes = n_k + (per_filter if packed.any_p else 0)
+    ws = _workspace(packed, batch, vocab, device, block, n_splits, pivots, n_passes)
+    n_tiles = triton.cdiv(vocab, block)
+    chunk = tiles_per_split * block
+    splits_p2 = triton.next_power_of_2(n_splits)
     # Compiled launches must not contract w * g + z into an FMA: z would differ from the reference's.
     options = {} if INTERPRETED else {"enable_fp_fusion": False}
-
-    inputs = (policy, policy.stride(0), guides, tuple(g.stride(0) for g in guides), weights, weights.stride(0),
-              temperature)
+    inputs = (policy, policy.stride(0), guides, tuple(g.stride(0) for g in guides), weights, weights.stride(0))
+    settings = (packed.fparams, packed.iparams, batch)
     noise_args = (noise if noise is not None else policy, noise.stride(0) if noise is not None else 0)
-    row_args = (seed, steps, greedy, top_k, top_p, min_p)
-    part_m = torch.empty(batch, n_splits, dtype=torch.float32, device=device)
-    part_s = torch.empty_like(part_m)
-    part_score = torch.empty_like(part_m)
-    part_z = torch.empty_like(part_m)
-    part_idx = torch.empty(batch, n_splits, dtype=torch.int32, device=device)
-    parts = (part_m, part_s, part_score, part_idx, part_z)
+    parts = (ws["part_score"], ws["part_idx"], ws["part_z"])
+    has_noise = noise is not None
 
-    _partials_kernel[(batch, n_splits)](
-        *inputs, *noise_args, *row_args, *parts, vocab, chunk, n_splits,
-        NUM_GUIDES=len(guides), HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps, **options)
+    _tiles_kernel[(batch, n_splits)](
+        *inputs, *settings, *noise_args, ws["tile_m"], ws["tile_s"], *parts, vocab, n_tiles, tiles_per_split,
+        n_splits, NUM_GUIDES=len(guides), HAS_NOISE=has_noise, BLOCK=block, num_warps=num_warps, **options)
+    if packed.any_filter:
+        search = (ws["row_max"], ws["lo"], ws["hi"], ws["cnt"], ws["mass"], ws["dmass"])
+        _search_init_kernel[(batch,)](*settings, ws["tile_m"], n_tiles, ws["row_max"], ws["lo"], ws["hi"], vocab,
+                                      TILES=TILE_SCAN, num_warps=4)
+        for n in range(n_passes):
+            _search_pass_kernel[(batch, n_splits)](
+                *inputs, *settings, *search, n, n_k, vocab, chunk, n_splits,
+                NUM_GUIDES=len(guides), TOP_P=n >= n_k, SEARCH_BLOCK=search_block, NUM_PIVOTS=pivots,
+                SPLITS=splits_p2, num_warps=8, **options)
+        _kept_tiles_kernel[(batch, n_splits)](
+            *inputs, *settings, *noise_args, *search, n_passes, n_k, ws["cut"], ws["tile_m"], ws["kept_s"],
+            *parts, vocab, n_tiles, tiles_per_split, n_splits,
+            NUM_GUIDES=len(guides), HAS_NOISE=has_noise, BLOCK=block, NUM_PIVOTS=pivots, SPLITS=splits_p2,
+            num_warps=num_warps, **options)
 
     tokens = torch.empty(batch, dtype=torch.int64, device=device)
     logprob = torch.empty(batch, dtype=torch.float32, device=device)
-    lse = torch.empty(batch, dtype=torch.float32, device=device)
-    cut = torch.empty(batch, dtype=torch.int32, device=device)
     _finish_kernel[(batch,)](
-        *inputs, *noise_args, *row_args, *parts, n_splits, tokens, logprob, lse, cut, vocab,
-        NUM_GUIDES=len(guides), HAS_NOISE=noise is not None, SPLITS=triton.next_power_of_2(n_splits),
-        BLOCK=min(block, 1024), SEARCH_BLOCK=search_block, NUM_PIVOTS=pivots, num_warps=8, **options)
+        *inputs, *settings, step_tensor if step_tensor is not None else packed.iparams, step_value,
+        ws["tile_m"], ws["tile_s"], ws["kept_s"], ws["cut"], *parts, n_splits, tokens, logprob, ws["lse"],
+        vocab, n_tiles, NUM_GUIDES=len(guides), HAS_NOISE=has_noise, ANY_FILTER=packed.any_filter,
+        STEP_PER_ROW=step_tensor is not None, SPLITS=splits_p2, BLOCK=block, TILES=TILE_SCAN,
+        num_warps=num_warps, **options)
 
     logprobs = None
     if return_logprobs:
         logprobs = torch.empty(batch, vocab, dtype=torch.float32, device=device)
         _logprobs_kernel[(batch, n_splits)](
-            *inputs, lse, cut, logprobs, logprobs.stride(0), vocab, chunk,
+            *inputs, packed.fparams, ws["lse"], ws["cut"], logprobs, logprobs.stride(0), vocab, chunk,
             NUM_GUIDES=len(guides), BLOCK=block, num_warps=num_warps, **options)
     return SampleOutput(tokens=tokens, logprob=logprob, logprobs=logprobs)

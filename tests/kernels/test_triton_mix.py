@@ -292,7 +292,7 @@ def test_fully_masked_row_gives_no_nan(filtered):
     out = kernel(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True, block=256, splits=2)
     ref = mix_and_sample_reference(policy, guides, weights, rows, 0, noise=noise, return_logprobs=True)
     assert_same_draw(out, ref)
-    own = kernel(policy, guides, weights, rows, 0, return_logprobs=True)  # in-kernel noise
+    own = kernel(policy, guides, weights, rows, 0, return_logprobs=True)  # the kernel's own draw
     for o in (out, own):
         assert o.tokens[[0, 2]].tolist() == [0, 0] and o.logprob[[0, 2]].eq(NEG_INF).all()
         assert o.logprobs[[0, 2]].eq(NEG_INF).all() and not o.logprobs.isnan().any()
@@ -302,7 +302,7 @@ def test_fully_masked_row_gives_no_nan(filtered):
 @interpreted
 def test_masked_tokens_are_never_drawn():
     """Masked tokens are the most likely ones before masking and carry the largest noise, yet are never
-    drawn, with supplied or in-kernel noise."""
+    drawn, with supplied noise or the kernel's own inverse-CDF draw."""
     batch, vocab = 24, 300
     policy, guides, weights = scores(batch, vocab, 1, seed=11)
     masked = torch.zeros(batch, vocab, dtype=torch.bool)
@@ -323,7 +323,7 @@ def test_masked_tokens_are_never_drawn():
 
 @interpreted
 def test_in_kernel_noise_follows_the_mixed_law():
-    """Chi-square: draws with the kernel's own Philox noise (one per seed) follow the mixed law
+    """Chi-square: the kernel's own draws (inverse CDF, one uniform per seed) follow the mixed law
     softmax(policy / T + w * guide). The same counts reject the policy-only law and the law without
     temperature, so the test can tell them apart."""
     vocab, n = 6, 160  # expected counts >= 7 per token
@@ -341,7 +341,7 @@ def test_in_kernel_noise_follows_the_mixed_law():
 
 @interpreted
 def test_filtered_draws_stay_in_the_kept_set():
-    """With in-kernel noise, truncated rows draw only kept tokens, and report their truncated log-prob."""
+    """With the kernel's own draws, truncated rows draw only kept tokens, and report their truncated log-prob."""
     batch, vocab = 16, 500
     policy, guides, weights = scores(batch, vocab, 1, seed=13)
     rows = SamplingRows.build(batch, top_k=[0, 30] * 8, top_p=[0.7, 1.0] * 8, min_p=[0.0] * 12 + [0.1] * 4,
@@ -379,82 +379,149 @@ def test_draw_depends_only_on_seed_and_step():
 
 @interpreted
 def test_sample_next_implementations():
-    """sample_next(implementation="triton") runs the kernel on CPU tensors under the interpreter (its own noise,
-    not the reference's inverse CDF); implementation="torch" is the reference."""
+    """sample_next(implementation="triton") runs the kernel on CPU tensors under the interpreter;
+    implementation="torch" is the reference; both draw the same tokens."""
     batch, vocab = 8, 500
     policy, guides, weights = scores(batch, vocab, 1, seed=15)
     policy /= 10
     rows = SamplingRows.build(batch, seed=list(range(batch)))
-    fused = sample_next(policy, guides, weights, rows, 1, implementation="triton")
+    from align_decode.kernels import triton_mix
+
+    calls = []
+    real = triton_mix.mix_and_sample_triton
+    triton_mix.mix_and_sample_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        fused = sample_next(policy, guides, weights, rows, 1, implementation="triton")
+        assert len(calls) == 1
+        plain = sample_next(policy, guides, weights, rows, 1, implementation="torch")
+        assert len(calls) == 1
+    finally:
+        triton_mix.mix_and_sample_triton = real
     assert torch.equal(fused.tokens, kernel(policy, guides, weights, rows, 1).tokens)
-    plain = sample_next(policy, guides, weights, rows, 1, implementation="torch")
     assert torch.equal(plain.tokens, mix_and_sample_reference(policy, guides, weights, rows, 1).tokens)
-    assert not torch.equal(fused.tokens, plain.tokens)  # different noise, so the test sees which ran
+    # Both draw by inverse CDF at the same row_uniform: the same tokens (up to rounding at a CDF boundary).
+    assert torch.equal(fused.tokens, plain.tokens)
 
 
-MASK32 = 0xFFFFFFFF
-
-
-def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Philox-4x32-10 (Salmon et al., SC 2011) in plain Python, the oracle for the kernel's noise bits."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for _ in range(10):
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & MASK32, p1 & MASK32, ((p0 >> 32) ^ c3 ^ k1) & MASK32, p0 & MASK32
-        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
-    return c0, c1, c2, c3
-
-
-def test_python_philox_matches_known_answers():
-    """The oracle reproduces the Random123 known-answer vectors for philox4x32-10."""
-    assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
-    assert philox4x32_10((MASK32,) * 4, (MASK32, MASK32)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
-    assert philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
-        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
-
-
-if IN_INTERPRETER and HAVE_TRITON:  # helper kernels that expose the noise pieces (interpreter runs only)
+if IN_INTERPRETER and HAVE_TRITON:  # a helper kernel that exposes the in-kernel uniform (interpreter runs only)
     import triton
     import triton.language as tl
 
-    from align_decode.kernels.triton_mix import _exponential, _random_bits
+    from align_decode.kernels.triton_mix import _row_uniform
 
     @triton.jit
-    def _random_bits_kernel(out_ptr, seed_ptr, step_ptr, start, BLOCK: tl.constexpr):
-        bits = _random_bits(tl.load(seed_ptr), tl.load(step_ptr), start, BLOCK)
-        tl.store(out_ptr + tl.arange(0, BLOCK), bits.to(tl.int32, bitcast=True))
-
-    @triton.jit
-    def _exponential_kernel(u_ptr, out_ptr, N: tl.constexpr):
-        lanes = tl.arange(0, N)
-        tl.store(out_ptr + lanes, _exponential(tl.load(u_ptr + lanes)))
+    def _row_uniform_kernel(seed_ptr, step_ptr, out_ptr):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, _row_uniform(tl.load(seed_ptr + i), tl.load(step_ptr + i)))
 
 
 @interpreted
-def test_noise_bits_are_philox_keyed_by_seed_step_and_token():
-    """Token t of a row gets word t % 4 of Philox-4x32-10 with key = the 64-bit seed and counter
-    (t // 4, step low word, step high word, 0), checked against the Python oracle."""
-    seed, step, start, block = 0x1234_5678_9ABC_DEF1, (7 << 32) + 5, 24, 16
-    out = torch.empty(block, dtype=torch.int32)
-    _random_bits_kernel[(1,)](out, torch.tensor([seed]), torch.tensor([step]), start, BLOCK=block)
-    got = [x & MASK32 for x in out.tolist()]
-    key = (seed & MASK32, seed >> 32)
-    want = [philox4x32_10((t // 4, step & MASK32, step >> 32, 0), key)[t % 4] for t in range(start, start + block)]
-    assert got == want
+def test_in_kernel_uniform_is_row_uniform():
+    """The kernel's uniform is bitwise `rows.row_uniform(seed, step)` (SplitMix64 on the 64-bit seed and
+    step), negative seeds and steps above 2^32 included."""
+    from align_decode.kernels import row_uniform
+
+    seeds = torch.tensor([0, 1, 42, -1, -(2**63), 2**63 - 1, 0x1234_5678_9ABC_DEF1, 7])
+    steps = torch.tensor([0, 5, 7, 3, 1, 2**40 + 9, (7 << 32) + 5, 0])
+    out = torch.empty(len(seeds), dtype=torch.float64)
+    _row_uniform_kernel[(len(seeds),)](seeds, steps, out)
+    assert torch.equal(out, row_uniform(seeds, steps))
+
+
+INVERSE_CDF_CASES = {
+    # name: (batch, vocab, guides, dtype, block, splits, filtered)
+    "fp32-policy-only-one-tile": (16, 300, 0, torch.float32, None, 1, False),
+    "fp32-one-guide-tiles-of-64-five-splits": (16, 500, 1, torch.float32, 64, 5, False),
+    "bf16-two-guides-tiles-of-128": (12, 1000, 2, torch.bfloat16, 128, 3, False),
+    "fp32-one-guide-truncated-split": (12, 700, 1, torch.float32, 128, 2, True),
+}
 
 
 @interpreted
-def test_exponential_variate_is_accurate_for_small_u():
-    """-log1p(-u) to fp32 accuracy across (0, 1), including u below 2^-25 where log(1 - u) gives 0."""
-    u = torch.tensor([1.1754943508222875e-38, 1e-30, 1e-12, 2.0**-26, 2.0**-20, 1e-4, 0.01, 0.2, 0.49, 0.5,
-                      0.5000001, 0.75, 0.99, 1 - 2.0**-24], dtype=torch.float32)
-    n = 16
-    padded = torch.cat([u, torch.full((n - len(u),), 0.3)])
-    result = torch.empty(n)
-    _exponential_kernel[(1,)](padded, result, N=n)
-    want = -torch.log1p(-padded.double())
-    torch.testing.assert_close(result.double(), want, rtol=3e-7, atol=0)
+@pytest.mark.parametrize("case", list(INVERSE_CDF_CASES))
+def test_draws_are_the_reference_tokens(case):
+    """Without supplied noise the kernel draws the reference's own token (inverse CDF at row_uniform(seed,
+    step)) with its log-prob, whatever the tiling and split: plain, greedy, masked and truncated rows."""
+    batch, vocab, n_guides, dtype, block, splits, filtered = INVERSE_CDF_CASES[case]
+    policy, guides, weights = scores(batch, vocab, n_guides, dtype, seed=31)
+    policy = policy / 3  # flatter rows: draws spread over many tokens and tiles
+    policy[0, ::5] = NEG_INF
+    settings = dict(temperature=torch.linspace(0.6, 1.4, batch).tolist(), seed=[1000 + 17 * i for i in range(batch)],
+                    greedy=[i % 7 == 6 for i in range(batch)])
+    if filtered:
+        settings.update(top_k=[[0, 5, 1, 40, 0, 300][i % 6] for i in range(batch)],
+                        top_p=[[0.9, 1.0, 1.0, 0.6, 0.95, 1.0][i % 6] for i in range(batch)],
+                        min_p=[[0.0, 0.0, 0.0, 0.0, 0.02, 0.1][i % 6] for i in range(batch)])
+    rows = SamplingRows.build(batch, **settings)
+    out = kernel(policy, guides, weights, rows, 11, return_logprobs=True, block=block, splits=splits)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 11, return_logprobs=True)
+    assert_same_draw(out, ref)
+    assert len(set(out.tokens.tolist())) > batch // 2  # the draws do vary
+
+
+@interpreted
+def test_truncated_draws_do_not_depend_on_tiles_splits_or_slot():
+    """Truncated rows too: the same token in any batch slot, with any tile size, split count or number of
+    pivots per search pass (64 pivots: 6 passes per filter; 256: 4)."""
+    batch, vocab = 6, 900
+    policy, guides, weights = scores(batch, vocab, 1, seed=33)
+    policy /= 4
+    rows = SamplingRows.build(batch, top_k=[0, 50, 3, 0, 200, 0], top_p=[0.8, 1.0, 1.0, 0.5, 0.9, 1.0],
+                              min_p=[0.0, 0.0, 0.0, 0.0, 0.0, 0.05], seed=[5, 6, 7, 8, 9, 10])
+    base = kernel(policy, guides, weights, rows, 2, block=1024, splits=1)
+    order = torch.tensor([4, 2, 0, 5, 1, 3])
+    for block, splits, pivots in [(128, 3, 256), (256, 2, 64)]:
+        again = kernel(policy[order], [guides[0][order]], weights[order], rows.select(order), 2, block=block,
+                       splits=splits, pivots=pivots)
+        assert torch.equal(again.tokens, base.tokens[order]), (block, splits, pivots)
+        torch.testing.assert_close(again.logprob, base.logprob[order], atol=1e-5, rtol=0)
+    assert torch.equal(base.tokens, mix_and_sample_reference(policy, guides, weights, rows, 2).tokens)
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3])
+def test_split_truncation_keeps_ties_like_the_reference(splits):
+    """Scores on a few levels tie a lot: with the search split over programs, top-k keeps every token tied
+    with the k-th, top-p every token tied at its cut (the reference's sort keeps some of them), min-p
+    every token above its bound; the draws are the reference's where the kept sets agree."""
+    batch, vocab = 8, 400
+    gen = torch.Generator().manual_seed(35)
+    policy = torch.randint(0, 10, (batch, vocab), generator=gen).float() / 3
+    settings = dict(top_k=[1, 10, 45, 0, 0, 30, 0, 399], top_p=[1.0, 1.0, 1.0, 0.5, 0.9, 0.7, 1.0, 1.0],
+                    min_p=[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0], seed=list(range(batch)))
+    rows = SamplingRows.build(batch, **settings)
+    noise = gumbel(batch, vocab, seed=36)
+    out = kernel(policy, [], None, rows, 0, noise=noise, return_logprobs=True, block=64, splits=splits)
+    ref = mix_and_sample_reference(policy, [], None, rows, 0, noise=noise, return_logprobs=True)
+    full = mix_and_sample_reference(policy, [], None, SamplingRows.build(batch), 0, return_logprobs=True).logprobs
+    kept = out.logprobs.isfinite()
+    ref_kept = ref.logprobs.isfinite()
+    assert not (ref_kept & ~kept).any(), "the kernel dropped a token the reference keeps"
+    last = torch.where(ref_kept, full, float("inf")).min(dim=1, keepdim=True).values
+    extra = kept & ~ref_kept
+    assert torch.equal(full[extra], last.expand_as(full)[extra]), "an extra kept token is not a tie"
+    top_k_rows = torch.tensor([0, 1, 2, 6, 7])  # top-k (alone) and min-p keep ties in both
+    assert torch.equal(kept[top_k_rows], ref_kept[top_k_rows])
+    assert (kept.sum(1)[[1, 2]] > torch.tensor([10, 45])).all()  # ties made the rows keep more than k
+    assert torch.equal(out.tokens[top_k_rows], ref.tokens[top_k_rows])
+    assert (kept.sum(1)[[3, 4, 5]] > ref_kept.sum(1)[[3, 4, 5]]).any()  # top-p kept a tie the sort dropped
+    assert kept.gather(1, out.tokens[:, None]).all()
+    own = kernel(policy, [], None, rows, 0, block=64, splits=splits)  # inverse CDF over the kept set
+    assert kept.gather(1, own.tokens[:, None]).all()
+
+
+@interpreted
+def test_truncated_draws_follow_the_truncated_law():
+    """Chi-square: rows with top-p 0.6 (4 of 8 tokens kept) draw from the renormalised kept mass, one
+    draw per seed; nothing outside the kept set is ever drawn; the tokens are the reference's."""
+    vocab, n = 8, 64
+    policy = torch.tensor([1.2, 1.0, 0.8, 0.5, 0.3, 0.2, 0.0, -0.5])
+    rows = SamplingRows.build(n, top_p=0.6, seed=torch.arange(n) * 104729 + 3)
+    out = kernel(policy.expand(n, vocab), [], None, rows, 1)
+    counts = torch.bincount(out.tokens, minlength=vocab)
+    assert counts[4:].sum() == 0, counts.tolist()
+    assert chi_square_pvalue(counts[:4], torch.softmax(policy[:4], -1)) > 1e-3, counts.tolist()
+    assert torch.equal(out.tokens, mix_and_sample_reference(policy.expand(n, vocab), [], None, rows, 1).tokens)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -495,6 +562,28 @@ def test_cpu_tensors_need_cuda_or_the_interpreter():
     rows = SamplingRows.build(2, seed=[3, 4])
     auto = sample_next(policy, rows=rows, step=2)  # CPU tensors go to the reference
     assert torch.equal(auto.tokens, mix_and_sample_reference(policy, [], None, rows, 2).tokens)
+
+
+@needs_triton
+def test_settings_are_packed_once_per_rows_object():
+    """The kernel's packed settings are cached on the SamplingRows object: a second step with the same
+    rows reuses them (and their workspaces); a modified or replaced field, or `select`, packs anew."""
+    from align_decode.kernels.triton_mix import pack_rows
+
+    rows = SamplingRows.build(4, temperature=[0.5, 1.0, 1.5, 2.0], top_k=[0, 3, 0, 0], seed=[1, 2, 3, 4])
+    first = pack_rows(rows, 4, 100, torch.device("cpu"))
+    assert pack_rows(rows, 4, 100, torch.device("cpu")) is first
+    assert first.any_k and not first.any_p and first.any_filter
+    torch.testing.assert_close(first.fparams[0], rows.temperature)
+    assert first.iparams[2].tolist() == [1, 2, 3, 4]
+    rows.top_p[1] = 0.5  # in place
+    second = pack_rows(rows, 4, 100, torch.device("cpu"))
+    assert second is not first and second.any_p
+    rows.seed = torch.tensor([9, 9, 9, 9])  # replaced
+    assert pack_rows(rows, 4, 100, torch.device("cpu")).iparams[2].tolist() == [9] * 4
+    picked = rows.select(torch.tensor([0, 2]))
+    assert not pack_rows(picked, 2, 100, torch.device("cpu")).any_filter
+    assert not pack_rows(rows, 4, 3, torch.device("cpu")).any_k  # top_k >= vocab keeps everything
 
 
 @pytest.fixture
@@ -541,6 +630,36 @@ def test_the_installed_triton_has_what_the_kernel_reads(fresh_choice, caplog):
     with caplog.at_level(logging.INFO, logger="align_decode.kernels.dispatch"):
         assert fresh_choice.fused_sampler() is not None
     assert "Triton kernel (triton " in caplog.text
+
+
+def test_a_kernel_that_fails_at_its_launch_falls_back_for_the_rest_of_the_process(fresh_choice, monkeypatch):
+    """A Triton error at a launch (a compiler or GPU the kernel was not checked on) warns once and hands
+    this and every later step to the reference; an error that is not Triton's propagates."""
+    CompilationError = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise CompilationError("unsupported fp64 cumsum")
+
+    monkeypatch.setattr(fresh_choice, "fused_sampler", lambda: broken)
+    monkeypatch.setattr(fresh_choice, "_on_gpu", lambda scores: True)
+    monkeypatch.setattr(fresh_choice, "_FAILED", None)
+    rows = SamplingRows.build(3, seed=torch.tensor([1, 2, 3]))
+    scores = torch.randn(3, 40)
+    expected = mix_and_sample_reference(scores, [], None, rows, 0).tokens
+    with pytest.warns(AlignDecodeWarning, match="failed at its launch.*unsupported fp64 cumsum"):
+        assert torch.equal(sample_next(scores, rows=rows).tokens, expected)
+    assert torch.equal(sample_next(scores, rows=rows).tokens, expected)
+    assert calls == [1]  # not tried again
+
+    def wrong(*args, **kwargs):
+        raise ValueError("a caller's mistake")
+
+    monkeypatch.setattr(fresh_choice, "_FAILED", None)
+    monkeypatch.setattr(fresh_choice, "fused_sampler", lambda: wrong)
+    with pytest.raises(ValueError, match="a caller's mistake"):
+        sample_next(scores, rows=rows)
 
 
 def test_disabling_triton_is_logged_not_warned(monkeypatch, fresh_choice, recwarn):
@@ -615,6 +734,24 @@ def test_gpu_in_kernel_noise_follows_the_mixed_law():
     mixed = torch.softmax(policy / 0.9 + 0.7 * guide, -1).cpu()
     assert chi_square_pvalue(counts, mixed) > 1e-4, counts.tolist()
     assert chi_square_pvalue(counts, torch.softmax(policy / 0.9, -1).cpu()) < 1e-6
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("filtered", [False, True], ids=["plain", "filtered"])
+def test_gpu_draws_are_the_reference_tokens(filtered):
+    """The compiled kernel's own draws are the reference's inverse-CDF tokens (fp32 tile sums against the
+    reference's fp64 CDF may split a boundary: at most one row of 64 may differ)."""
+    batch, vocab = 64, 128256
+    policy, guides, weights = scores(batch, vocab, 1, torch.bfloat16, seed=25, device="cuda")
+    settings = dict(seed=list(range(batch)))
+    if filtered:
+        settings.update(top_k=[[0, 50, 1, 200][i % 4] for i in range(batch)],
+                        top_p=[[0.9, 1.0, 1.0, 0.5][i % 4] for i in range(batch)])
+    rows = SamplingRows.build(batch, device="cuda", **settings)
+    out = kernel(policy, guides, weights, rows, 7)
+    ref = mix_and_sample_reference(policy, guides, weights, rows, 7)
+    assert int((out.tokens != ref.tokens).sum()) <= 1, (out.tokens != ref.tokens).nonzero().flatten().tolist()
 
 
 @gpu
