@@ -509,6 +509,40 @@ def serve_command(ctx: click.Context, **p):
                         access_log=p["verbose"])
 
 
+@cli.command("build-composite", epilog=(
+    "Writes a model folder vLLM serves with the guides run inside the engine (vllm serve DIR): the policy's "
+    "config naming the policy and guide folders, its tokenizer files (copied) and its .safetensors weights "
+    "(symlinked, no copies; guide weights are read from their own folders, so keep all folders in place). "
+    "Requests opt in as with the processor path: extra_args {\"align_decode\": {\"guides\": {NAME: weight}}}. "
+    "Prompted ARMs cannot be packed: serve them through ALIGN_DECODE_GUIDES."
+))
+@click.option("--policy", required=True, metavar="DIR", help="the policy's model folder (safetensors)")
+@click.option("--guide", "guides", multiple=True, required=True, metavar="NAME=DIR",
+              help="a guide (ARM or Q-head LM sharing the policy's tokenizer); repeat for several")
+@click.option("--qhead", "qheads", multiple=True, metavar="NAME", help="mark guide NAME as a controlled-decoding Q-head")
+@click.option("--out", required=True, metavar="DIR", help="new folder for the composite model")
+@click.option("--force", is_flag=True, help="replace a non-empty --out")
+def build_composite_command(policy, guides, qheads, out, force):
+    """Pack a policy and guide models into one vLLM model folder (GenARM at engine speed)."""
+    from .serving.composite.spec import CompositeError, build_composite, parse_guide_option
+
+    try:
+        named = dict(parse_guide_option(g) for g in guides)
+        unknown = sorted(set(qheads) - set(named))
+        if unknown:
+            raise CompositeError(f"--qhead names no guide: {unknown}")
+        summary = build_composite(policy, named, out, kinds={n: "qhead" for n in qheads}, force=force)
+    except (CompositeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    click.echo(f"wrote {summary['out']}: policy {summary['policy']}, guides "
+               + ", ".join(f"{g['name']}={g['path']} ({g['kind']})" for g in summary["guides"]))
+    click.echo(f"on disk: {mib(summary['copied_bytes'])} copied ({', '.join(summary['copied'])}); "
+               f"{mib(summary['linked_bytes'])} of policy weights symlinked ({', '.join(summary['linked'])}); "
+               "guide weights stay in their folders")
+    click.echo(f"serve it: vllm serve {summary['out']}")
+
+
 def main(argv=None) -> None:
     """Entry point of the `align-decode` console script."""
     cli.main(args=argv, prog_name="align-decode")

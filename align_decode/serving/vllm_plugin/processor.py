@@ -22,7 +22,7 @@ import torch
 
 from .bank import PolicyVocab, shared_bank
 from .batch import GuidedBatch
-from .config import REQUEST_KEY, GuidanceConfigError, RequestGuidance, guide_config, parse_request
+from .config import REQUEST_KEY, GuidanceConfigError, GuideConfig, GuideSpec, RequestGuidance, guide_config, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,22 @@ def request_scale(params) -> float:
     return t if t >= 1e-5 else 1.0
 
 
+def _with_packed(config: GuideConfig, names) -> GuideConfig:
+    """The server's configuration plus the guides packed in a composite model (served in-engine)."""
+    names = [n for n in names if n not in config.guides]
+    if not names:
+        return config
+    packed = {n: GuideSpec(n, "<composite model>") for n in names}
+    return GuideConfig({**config.guides, **packed}, config.source)
+
+
+def _only(guidance: RequestGuidance | None, names) -> RequestGuidance | None:
+    if not guidance:
+        return None
+    kept = tuple((n, w) for n, w in guidance.weights if n in names)
+    return RequestGuidance(kept) if kept else None
+
+
 class GuidanceLogitsProcessor(*_BASES):
     """Token-level guidance (GenARM ARMs, controlled-decoding Q-heads) inside vLLM.
 
@@ -70,7 +86,9 @@ class GuidanceLogitsProcessor(*_BASES):
             config = guide_config()
         except GuidanceConfigError as e:
             raise ValueError(f"align_decode guidance is unavailable on this server: {e}") from None
-        parse_request(extra, config)
+        from ..composite import handoff
+
+        parse_request(extra, _with_packed(config, handoff.known_guides()))
 
     # ------------------------------------------------------------------------------- set-up
     def __init__(self, vllm_config, *args, **kwargs):
@@ -86,6 +104,9 @@ class GuidanceLogitsProcessor(*_BASES):
         self.device = device
         self.config = guide_config()
         self._impl = None
+        self._composite = None
+        self._packed: tuple[str, ...] = ()
+        self._setup_composite(vllm_config)
         if not self.config:
             return
         self._check_engine(vllm_config)
@@ -102,6 +123,37 @@ class GuidanceLogitsProcessor(*_BASES):
         logger.info("align-decode guidance ready (model runner %s): guides %s", self.runner.upper(),
                     ", ".join(self.config.names()))
 
+    def _setup_composite(self, vllm_config) -> None:
+        """Composite model (guides packed into the served model, run by vLLM): mix the scores it hands
+        over. Guides named in $ALIGN_DECODE_GUIDES keep the processor path beside it."""
+        from ..composite.spec import CompositeSpec
+
+        spec = CompositeSpec.from_hf_config(getattr(getattr(vllm_config, "model_config", None), "hf_config", None))
+        if spec is None:
+            return
+        clash = sorted(set(spec.names()) & set(self.config.guides))
+        if clash:
+            raise ValueError(f"guide name(s) {clash} are both packed in the composite model and configured in "
+                             f"{self.config.source}; rename one")
+        if self.runner != "v1":
+            raise ValueError("the align-decode composite model hands guide scores to model runner V1 only; "
+                             "set VLLM_USE_V2_MODEL_RUNNER=0")
+        from ..composite import handoff
+        from ..composite.guidance import CompositeV1Guidance
+
+        handoff.announce(spec.names())
+        self._packed = tuple(spec.names())
+        self._composite = CompositeV1Guidance(spec, lambda p: _only(self._parse_all(p), self._packed),
+                                              request_scale)
+        logger.info("align-decode guidance ready (composite model, in-engine guides): %s", ", ".join(self._packed))
+
+    def _parse_all(self, params) -> RequestGuidance | None:
+        try:
+            return parse_request(getattr(params, "extra_args", None), _with_packed(self.config, self._packed))
+        except ValueError as e:
+            logger.error("align-decode: request guidance ignored: %s", e)
+            return None
+
     def _check_engine(self, vllm_config) -> None:
         if getattr(vllm_config, "speculative_config", None):
             raise ValueError("align-decode guidance does not support speculative decoding; "
@@ -114,6 +166,8 @@ class GuidanceLogitsProcessor(*_BASES):
                              "vLLM with --no-async-scheduling, or use model runner V2")
 
     def _parse(self, params) -> RequestGuidance | None:
+        if self._packed:  # the processor-path part of a request to a composite model
+            return _only(self._parse_all(params), set(self.config.guides))
         try:
             return parse_request(getattr(params, "extra_args", None), self.config)
         except ValueError as e:
@@ -125,9 +179,11 @@ class GuidanceLogitsProcessor(*_BASES):
     # ------------------------------------------------------------------------------- both runners
     def is_argmax_invariant(self) -> bool:
         # With no guides nothing is ever changed: V1 then skips this processor for greedy batches.
-        return self._impl is None
+        return self._impl is None and self._composite is None
 
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if self._composite is not None:
+            logits = self._composite.apply(logits)
         if self._impl is None:
             return logits
         if self.runner == "v1":
@@ -136,6 +192,8 @@ class GuidanceLogitsProcessor(*_BASES):
 
     # ------------------------------------------------------------------------------- V1 only
     def update_state(self, batch_update) -> None:
+        if self._composite is not None:
+            self._composite.update_state(batch_update)
         if self._impl is not None and self.runner == "v1":
             self._impl.update_state(batch_update)
 
