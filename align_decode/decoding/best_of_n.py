@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .engine import SamplingEngine, engine_argument
-from .candidates import completion_ids, engine_candidates, sample_candidates, score_completions
+from .candidates import completion_ids, engine_scored_candidates, sample_candidates, score_completions
 from .loop import Decoded
 from .options import BestOfNOptions
 from .report import Report
@@ -73,8 +73,13 @@ class BestOfN(Strategy):
             proposal gives guided candidates).
         max_rows: most rows decoded at once, so a large n never runs out of memory.
         engine: a SamplingEngine (e.g. VLLMEngine) that draws the candidates: one request per prompt
-            with n draws, in the engine's batches (max_rows then does not apply); None decodes in process.
-            It samples the policy itself, so it does not combine with a proposal.
+            with n draws (the engine's own n-sampling: the prompt is prefilled once), all prompts in flight
+            together, each prompt's candidates scored as soon as they complete while the others still
+            generate (max_rows then does not apply); None decodes in process. It samples the policy itself,
+            so it does not combine with a proposal.
+        max_in_flight: with an engine, most candidates submitted and not yet returned: a larger n is drawn
+            in requests of at most this many draws, each submitted as earlier ones complete (the same
+            candidates: draw offsets keep their seeds).
         (The options are declared with their ranges in `decoding.options.BestOfNOptions`.)
 
     Example:
@@ -98,6 +103,7 @@ class BestOfN(Strategy):
         engine: SamplingEngine | None = None,
         backend: SamplingEngine | None = None,
         answer_kind: str = BestOfNOptions.answer_kind,
+        max_in_flight: int = 1024,
     ):
         o = self.options = BestOfNOptions(n=n, aggregate=aggregate, beta=beta, answer_kind=answer_kind,
                                           max_rows=max_rows)
@@ -116,7 +122,9 @@ class BestOfN(Strategy):
             raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
         if engine is not None and proposal is not None:
             raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
-        self.engine = engine
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
+        self.engine, self.max_in_flight = engine, max_in_flight
 
     def hyperparameters(self) -> dict:
         out = {"n": self.n, "aggregate": self.aggregate, "beta": self.beta, "max_rows": self.max_rows,
@@ -148,19 +156,30 @@ class BestOfN(Strategy):
             raise ValueError(f"num_return_sequences={m} is more than the n={self.n} candidates")
         if m > 1 and self.aggregate != "best":
             raise ValueError(f"aggregate={self.aggregate!r} returns one answer per prompt; num_return_sequences={m}")
-        if self.engine is None:
-            cands = sample_candidates(self.proposal, policy, batch, replace(settings, num_return_sequences=1),
-                                      self.n, self.max_rows)
-        else:
-            cands = engine_candidates(self.engine, batch, settings, self.n)
-        ids = completion_ids(cands)
         texts = None
         prompt_texts = [t for t in batch.prompt_texts(policy.tokenizer) for _ in range(self.n)] \
             if (self.reward is not None and not hasattr(self.reward, "score_ids")) or self.extract else None
         prompt_ids = [p.tolist() for p in batch.token_lists() for _ in range(self.n)]
         rewards = None
-        if self.reward is not None:
-            rewards = score_completions(self.reward, policy.tokenizer, prompt_texts, ids, prompt_ids).view(batch.size, self.n)
+        if self.engine is None:
+            cands = sample_candidates(self.proposal, policy, batch, replace(settings, num_return_sequences=1),
+                                      self.n, self.max_rows)
+            ids = completion_ids(cands)
+            if self.reward is not None:
+                rewards = score_completions(self.reward, policy.tokenizer, prompt_texts, ids,
+                                            prompt_ids).view(batch.size, self.n)
+        else:
+            def score(prompts: list[int], cands: list[list[list[int]]]) -> torch.Tensor:
+                rows = [b * self.n + j for b in prompts for j in range(self.n)]
+                return score_completions(self.reward, policy.tokenizer,
+                                         None if prompt_texts is None else [prompt_texts[r] for r in rows],
+                                         [c for per in cands for c in per],
+                                         [prompt_ids[r] for r in rows]).view(len(prompts), self.n)
+
+            # Each prompt's candidates are scored as its request completes, while the others generate.
+            cands, rewards = engine_scored_candidates(self.engine, batch, settings, self.n,
+                                                      None if self.reward is None else score, self.max_in_flight)
+            ids = completion_ids(cands)
         answers = None
         if self.extract is not None:
             texts = policy.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -123,3 +123,58 @@ def engine_candidates(engine, batch: PromptBatch, settings: GenerationSettings, 
     out = sampled.decoded(settings.pad_id, device=batch.input_ids.device)
     out.extras["seeds"] = [[c.seed for c in per_prompt] for per_prompt in sampled.completions]
     return out
+
+
+def engine_scored_candidates(engine, batch: PromptBatch, settings: GenerationSettings, n: int, score=None,
+                             max_in_flight: int = 1024):
+    """`engine_candidates`'s candidates (the same draws, the same seeds), with each prompt's candidates scored
+    as soon as its last one completes while the other prompts are still generating.
+
+    Requests go through the engine's request API (`submit` / `poll`): one request per prompt with n draws
+    (the prompt prefilled once for them), or, when n is more than max_in_flight, requests of at most
+    max_in_flight draws (draw offsets keep every candidate's seed), submitted as earlier ones complete so that
+    at most max_in_flight candidates are in flight at once whatever n is.
+
+    score(prompt indices, their candidates as [prompts][n] token lists) -> rewards [len(prompts), n], or None
+    for no scoring. Returns (Decoded [B * n] prompt-major, rewards [B, n] or None)."""
+    if n < 1:
+        raise ValueError(f"the number of candidates must be >= 1, got {n}")
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    settings = settings.with_fixed_seeds(batch.size)
+    prompts = [p.tolist() for p in batch.token_lists()]
+    seeds = settings.row_seeds(batch.size, 1).tolist()
+    per = min(n, max_in_flight)
+    todo = [(b, c0, min(per, n - c0)) for b in range(batch.size) for c0 in range(0, n, per)]
+    todo.reverse()  # popped from the end: prompt-major order
+    got: list[list] = [[None] * n for _ in range(batch.size)]
+    missing = [n] * batch.size
+    rewards = None if score is None else torch.zeros(batch.size, n)
+    forward = cached = flying = drawn = 0
+    settings.report("candidates", 0, batch.size * n)
+    while todo or engine.pending():
+        while todo and (flying == 0 or flying + todo[-1][2] <= max_in_flight):
+            b, c0, cc = todo.pop()
+            engine.submit((b, c0), prompts[b], settings.max_new_tokens, settings, seeds[b], n=cc, first_draw=c0)
+            flying += cc
+        complete = []
+        for done in engine.poll():
+            b, c0 = done.key
+            got[b][c0:c0 + len(done.completions)] = done.completions
+            flying -= len(done.completions)
+            drawn += len(done.completions)
+            forward, cached = forward + done.forward_tokens, cached + done.cached_tokens
+            missing[b] -= len(done.completions)
+            if missing[b] == 0:
+                complete.append(b)
+        if complete:
+            settings.report("candidates", drawn, batch.size * n)
+            if score is not None:  # while the other prompts' requests stay in flight
+                rewards[complete] = torch.as_tensor(
+                    score(complete, [[c.tokens for c in got[b]] for b in complete]), dtype=torch.float32)
+    from .engine import EngineOutput
+
+    sampled = EngineOutput(got, forward, cached)
+    out = sampled.decoded(settings.pad_id, device=batch.input_ids.device)
+    out.extras["seeds"] = [[c.seed for c in per_prompt] for per_prompt in got]
+    return out, rewards

@@ -133,6 +133,77 @@ class SamplingEngine(ABC):
         or one per prefix; 0 gives empty continuations) and ending at the first of settings.stop_ids,
         drawn as settings say (greedy, or temperature / top_k / top_p / min_p), prefix i from seeds[i]."""
 
+    # ------------------------------------------------------------------ requests one at a time
+    # `submit` / `poll` let a caller keep work in flight and react to each request as it completes
+    # (QAlign's chains, best-of-N's scoring) instead of waiting for a whole `generate` call. Engines with a
+    # request queue (VLLMEngine) override them; this default queues requests and runs them all in one
+    # `generate` call at the next `poll`, so every engine supports them and draws the same tokens.
+    # Do not mix: no `generate` call while submitted requests are pending.
+
+    def submit(self, key, prefix: Sequence[int], max_tokens: int, settings: GenerationSettings, seed: int,
+               n: int = 1, first_draw: int = 0) -> None:
+        """Queue draws first_draw .. first_draw + n - 1 of one prefix (the draws a `generate` call with this seed
+        and first_draw + n draws would give); `poll` returns them as a `Finished` with this key."""
+        if not hasattr(self, "_request_queue"):
+            self._request_queue = RequestQueue(self)
+        self._request_queue.submit(key, prefix, max_tokens, settings, seed, n, first_draw)
+
+    def pending(self) -> int:
+        """Submitted requests not yet returned by `poll`."""
+        queue = getattr(self, "_request_queue", None)
+        return 0 if queue is None else queue.pending()
+
+    def poll(self) -> list[Finished]:
+        """Advance the engine and return the requests that completed (possibly none)."""
+        queue = getattr(self, "_request_queue", None)
+        return [] if queue is None else queue.poll()
+
+
+@dataclass
+class Finished:
+    """A submitted request that has completed (see `SamplingEngine.submit`).
+
+    key: what the caller gave `submit`.
+    completions: its n draws, draw j of the request being draw first_draw + j of the prefix.
+    forward_tokens, cached_tokens: as in EngineOutput, for this request alone.
+    """
+
+    key: object
+    completions: list[Completion]
+    forward_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class RequestQueue:
+    """The request API of an engine that has only `generate`: requests are queued, and one `poll` runs every
+    queued request through one `generate` call (grouped by settings and draw counts). Callers see the same
+    draws as with one `generate` call: `submit` / `poll` is then only a change of shape, not of speed."""
+
+    def __init__(self, engine: "SamplingEngine"):
+        self.engine = engine
+        self.queued: list[tuple] = []
+
+    def submit(self, key, prefix, max_tokens, settings, seed, n, first_draw) -> None:
+        self.queued.append((key, list(prefix), int(max_tokens), settings, int(seed), n, first_draw))
+
+    def pending(self) -> int:
+        return len(self.queued)
+
+    def poll(self) -> list[Finished]:
+        queued, self.queued = self.queued, []
+        groups: dict = {}
+        for item in queued:
+            groups.setdefault((id(item[3]), item[5] + item[6]), []).append(item)
+        done = []
+        for (_, draws), items in groups.items():
+            out = self.engine.generate([i[1] for i in items], [i[2] for i in items], items[0][3], [i[4] for i in items],
+                                       n=draws)
+            for i, (item, comps) in enumerate(zip(items, out.completions)):
+                # The call's counts go to its first request (they are not reported per prefix).
+                done.append(Finished(item[0], comps[item[6]:], out.forward_tokens if i == 0 else 0,
+                                     out.cached_tokens if i == 0 else 0))
+        return done
+
 
 def engine_argument(engine: "SamplingEngine | None", backend: "SamplingEngine | None") -> "SamplingEngine | None":
     """A strategy's `engine=`, or the old name `backend=` for one release (with a DeprecationWarning)."""

