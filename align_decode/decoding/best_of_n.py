@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from .engine import SamplingEngine, engine_argument
-from .candidates import completion_ids, engine_scored_candidates, sample_candidates, score_completions
+from .candidates import (check_sampling_source, completion_ids, engine_scored_candidates, sample_candidates,
+                         score_completions)
 from .loop import Decoded
 from .options import BestOfNOptions
 from .report import Report
@@ -113,15 +114,10 @@ class BestOfN(Strategy):
             from ..rewards.answers import extract_answer
 
             extract = partial(extract_answer, kind=answer_kind)
-        if proposal is not None and not isinstance(proposal, TokenStrategy):
-            raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
+        engine = engine_argument(engine, backend)
+        check_sampling_source(proposal, engine)
         self.reward, self.n, self.aggregate, self.beta = reward, o.n, o.aggregate, o.beta
         self.extract, self.proposal, self.max_rows = extract, proposal or Sample(), o.max_rows
-        engine = engine_argument(engine, backend)
-        if engine is not None and not isinstance(engine, SamplingEngine):
-            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
-        if engine is not None and proposal is not None:
-            raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         self.engine, self.max_in_flight = engine, max_in_flight

@@ -9,9 +9,22 @@ from typing import Sequence
 
 import torch
 
+from .engine import SamplingEngine
 from .loop import Decoded
 from .prompts import PromptBatch
 from .settings import GenerationSettings
+from .strategy import TokenStrategy
+
+
+def check_sampling_source(proposal, engine) -> None:
+    """A sequence method samples from a token-level proposal in process, or from a sampling engine (which
+    samples the policy itself), not both."""
+    if proposal is not None and not isinstance(proposal, TokenStrategy):
+        raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
+    if engine is not None and not isinstance(engine, SamplingEngine):
+        raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
+    if engine is not None and proposal is not None:
+        raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
 
 
 def completion_ids(decoded: Decoded, rows: Sequence[int] | None = None) -> list[list[int]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .candidates import score_completions
+from .candidates import check_sampling_source, score_completions
 from .engine import SamplingEngine
 from .loop import Decoded
 from .options import PrunedBestOfNOptions
@@ -78,12 +78,7 @@ class PrunedBestOfN(Strategy):
         if reward is None:
             raise ValueError("pruned best-of-N needs a reward to pick its answer")
         self.options = PrunedBestOfNOptions(n=n, prune_at=tuple(prune_at or ()), keep_fraction=keep_fraction)
-        if proposal is not None and not isinstance(proposal, TokenStrategy):
-            raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
-        if engine is not None and not isinstance(engine, SamplingEngine):
-            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
-        if engine is not None and proposal is not None:
-            raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
+        check_sampling_source(proposal, engine)
         self.reward, self.partial_reward = reward, partial_reward or reward
         self.proposal, self.engine = proposal, engine
 

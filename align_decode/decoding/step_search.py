@@ -29,14 +29,14 @@ import torch
 from ..kernels import derive_seeds
 from ..kernels.rows import row_uniform
 from ..rewards.process import PartialResponse, PrefixReward, ProcessReward, ValuePRM, aggregate_scores
-from .engine import SamplingEngine
+from .candidates import check_sampling_source
 from .guides.base import GuideContext
 from .loop import Decoded, decode
 from .prompts import PromptBatch, left_pad
 from .session import ModelSession
 from .settings import GenerationSettings, validate_ids
 from .steps import StepBoundary
-from .strategy import Strategy, TokenStrategy
+from .strategy import Strategy
 
 
 @dataclass
@@ -356,12 +356,7 @@ class StepSearch(Strategy):
                              "prefixes) to score partial responses")
         self.scorer = as_process_reward(scorer)
         self.options = self.options_class(**options)
-        if proposal is not None and not isinstance(proposal, TokenStrategy):
-            raise TypeError("proposal must be a token-level strategy (Sample, GenARM, ...)")
-        if engine is not None and not isinstance(engine, SamplingEngine):
-            raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
-        if engine is not None and proposal is not None:
-            raise ValueError(f"an engine samples the policy itself; proposal={proposal.name!r} runs in process only")
+        check_sampling_source(proposal, engine)
         self.proposal, self.engine = proposal, engine
 
     def hyperparameters(self) -> dict:

@@ -8,20 +8,17 @@ the same models (cross-engine equivalence), sampled ones through the law vLLM re
 
 from __future__ import annotations
 
-import gc
 import json
-import math
 
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
 
-from vllm_support import guide_scores, guides_env, load, save_models  # noqa: E402
+from vllm_support import (check_greedy_equals_hugging_face, check_mixed_batch, check_sampled_law,  # noqa: E402
+                          guided, guides_env, hf_greedy, load, plain, run, save_models, shutdown)
 
 pytestmark = pytest.mark.vllm
 
-EOS = 1
 PROMPTS = [
     [2, 10, 11, 12],
     [2, 20, 21],
@@ -33,16 +30,8 @@ PROMPTS = [
 SHORT = [p for p in PROMPTS if len(p) < 32]
 
 
-def guided(weights: dict, **kw):
-    from vllm import SamplingParams
-
-    return SamplingParams(extra_args={"align_decode": {"guides": weights}}, **kw)
 
 
-def plain(**kw):
-    from vllm import SamplingParams
-
-    return SamplingParams(**kw)
 
 
 def engine_env(monkeypatch, paths):
@@ -51,15 +40,6 @@ def engine_env(monkeypatch, paths):
     monkeypatch.setenv("ALIGN_DECODE_GUIDES", guides_env(paths))
 
 
-def shutdown(llm) -> None:
-    engine = getattr(llm, "llm_engine", None)
-    if engine is not None and hasattr(engine, "engine_core"):
-        try:
-            engine.engine_core.shutdown()
-        except Exception:
-            pass
-    del llm
-    gc.collect()
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +56,8 @@ def setup(tmp_path_factory):
         shutdown(llm)
 
 
-def run(llm, prompts, params):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def hf_greedy(paths, refs, prompt, weights: dict, max_new: int) -> list[int]:
-    """This project's Hugging Face backend on the same models: GenARM with the same weights."""
-    from transformers import AutoTokenizer
-
-    from align_decode import ARM, AlignedModel, GenARM
-
-    tok = AutoTokenizer.from_pretrained(paths["policy"])
-    weights = {k: w for k, w in weights.items() if w != 0}
-    strategy = GenARM([ARM(refs[k], tok) for k in weights], weights=list(weights.values())) if weights else None
-    out = AlignedModel(refs["policy"], tok, strategy=strategy).generate(
-        torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
-    new = out[0, len(prompt):].tolist()
-    return new[: new.index(EOS) + 1] if EOS in new else new
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -121,15 +85,10 @@ def test_weight_zero_equals_plain_vllm(setup):
 
 @pytest.mark.parametrize("weights", [{"arm": 1.0}, {"arm": 0.5, "arm2": 2.0}, {"arm2": -1.0}])
 def test_greedy_guided_outputs_equal_the_hugging_face_backend(setup, weights):
-    llm, paths, refs = setup
-    got = run(llm, PROMPTS, [guided(weights, temperature=0, max_tokens=20)] * len(PROMPTS))
-    want = [hf_greedy(paths, refs, p, weights, 20) for p in PROMPTS]
-    assert got == want
-    assert got != run(llm, PROMPTS, [plain(temperature=0, max_tokens=20)] * len(PROMPTS))
+    check_greedy_equals_hugging_face(setup, PROMPTS, weights)
 
 
 def test_a_mixed_batch_gives_each_request_its_own_answer(setup):
-    llm, paths, refs = setup
     cases = [
         # Seeded requests first, so the token budget never splits their prompts (see SHORT).
         (PROMPTS[3], guided({"arm": 1.0}, temperature=0.8, seed=3, max_tokens=14)),
@@ -140,31 +99,11 @@ def test_a_mixed_batch_gives_each_request_its_own_answer(setup):
         (PROMPTS[2], guided({"arm": 0.5, "arm2": 2.0}, temperature=0, max_tokens=14)),
         (PROMPTS[1], guided({"arm2": 1.5}, temperature=0, max_tokens=14)),
     ]
-    together = run(llm, [p for p, _ in cases], [sp for _, sp in cases])
-    alone = [run(llm, [p], [sp])[0] for p, sp in cases]
-    assert together == alone
-    for (prompt, sp), out in zip(cases, together):
-        if sp.temperature == 0:
-            weights = (sp.extra_args or {}).get("align_decode", {}).get("guides", {})
-            assert out == hf_greedy(paths, refs, prompt, weights, 14)
-    assert together[0] != together[1] and together[2] != together[3]
+    check_mixed_batch(setup, cases)
 
 
-@torch.no_grad()
 def test_sampled_requests_draw_from_the_genarm_law(setup):
-    """vLLM divides by T after the processor: the law it reports must be log_softmax(s/T + sum w g)."""
-    llm, _, refs = setup
-    weights, temperature = {"arm": 1.0, "arm2": 0.5}, 0.7
-    sp = guided(weights, temperature=temperature, seed=11, max_tokens=8, logprobs=5)
-    out = llm.generate([{"prompt_token_ids": PROMPTS[3]}], sp, use_tqdm=False)[0].outputs[0]
-    seq = list(PROMPTS[3])
-    for token, reported in zip(out.token_ids, out.logprobs):
-        s = refs["policy"](input_ids=torch.tensor([seq])).logits[0, -1].float()
-        z = s / temperature + sum(w * guide_scores(refs[k], seq, s.shape[0]) for k, w in weights.items())
-        law = torch.log_softmax(z, -1)
-        for tok, lp in reported.items():
-            assert math.isclose(lp.logprob, law[tok].item(), abs_tol=2e-3), (tok, lp.logprob, law[tok].item())
-        seq.append(token)
+    check_sampled_law(setup, PROMPTS[3])
 
 
 def test_invalid_requests_are_refused_and_the_engine_serves_the_others(setup):
