@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..vllm_plugin.batch import apply_moves
 from . import handoff
 from .spec import CompositeSpec
 
@@ -49,18 +50,8 @@ class CompositeV1Guidance:
                 w[self.index[name]] += c * weight
             self.by_index[index] = w
             changed = True
-        for a, b, direction in batch_update.moved:
-            if direction.name == "SWAP":
-                ra, rb = self.by_index.pop(a, None), self.by_index.pop(b, None)
-                if ra is not None:
-                    self.by_index[b] = ra
-                if rb is not None:
-                    self.by_index[a] = rb
-            else:
-                ra = self.by_index.pop(a, None)
-                self.by_index.pop(b, None)
-                if ra is not None:
-                    self.by_index[b] = ra
+        if batch_update.moved:
+            apply_moves(self.by_index, batch_update.moved, lambda row: self.by_index.pop(row, None))
             changed = True
         if changed:
             self._cache = None

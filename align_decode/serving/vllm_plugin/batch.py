@@ -276,3 +276,21 @@ class GuidedBatch:
                 # Tokens the guide cannot score (padding rows of the policy head) are out of the law.
                 logits[:, w:].index_put_((index,), self._neg_inf(device))
         return logits
+
+
+def apply_moves(by_index: dict, moved, drop) -> None:
+    """Follow vLLM's row moves in a {batch row: request state} map: a SWAP exchanges two rows' states; a
+    one-way move puts a's state at b, and `drop(b)` first releases whatever b held."""
+    for a, b, direction in moved:
+        if direction.name == "SWAP":
+            ra, rb = by_index.pop(a, None), by_index.pop(b, None)
+            if ra is not None:
+                by_index[b] = ra
+            if rb is not None:
+                by_index[a] = rb
+        else:
+            ra = by_index.pop(a, None)
+            drop(b)
+            if ra is not None:
+                by_index[b] = ra
+

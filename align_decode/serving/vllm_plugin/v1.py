@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ...decoding.prompts import left_pad
-from .batch import GuidedBatch, GuidedRequest, upload
+from .batch import GuidedBatch, GuidedRequest, apply_moves, upload
 from .config import RequestGuidance
 
 logger = logging.getLogger(__name__)
@@ -95,18 +95,7 @@ class V1Guidance:
                     self._warned_embeds = True
                 continue
             self.by_index[index] = self.batch.add(guidance, self.scale(params), handle=(prompt_ids, output_ids))
-        for a, b, direction in batch_update.moved:
-            if direction.name == "SWAP":
-                ra, rb = self.by_index.pop(a, None), self.by_index.pop(b, None)
-                if ra is not None:
-                    self.by_index[b] = ra
-                if rb is not None:
-                    self.by_index[a] = rb
-            else:  # one-way: a's request now sits at b, replacing whatever was there
-                ra = self.by_index.pop(a, None)
-                self._drop(b)
-                if ra is not None:
-                    self.by_index[b] = ra
+        apply_moves(self.by_index, batch_update.moved, self._drop)
         if not self.by_index:
             self.batch.flush()  # the last guided request left: free its guide caches without waiting
 

@@ -106,9 +106,11 @@ def test_the_processor_side_mixes_handed_over_scores_by_batch_row():
     handoff.clear()
 
 
+@pytest.mark.vllm
 def test_admission_in_a_front_end_process_learns_the_packed_guides(paths, tmp_path):
     """The API server's process never builds the model: the plugin hook announces the guides from the
     model config its InputProcessor is given."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
     from align_decode.serving.composite import handoff, register
     from align_decode.serving.composite.spec import build_composite
 
