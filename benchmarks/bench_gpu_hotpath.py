@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from align_decode.kernels import SamplingRows  # noqa: E402
 from align_decode.kernels.reference import mix_and_sample_reference, truncate  # noqa: E402
+from bench_kernels import graphed as graph_replay  # noqa: E402  (beside this script)
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}
 
@@ -92,18 +93,7 @@ class Clock:
 
 def graphed(fn, device: str):
     """fn captured in a CUDA graph after warm-up calls (which also pack the rows); on CPU fn itself."""
-    if device != "cuda":
-        return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return fn if device != "cuda" else graph_replay(fn)
 
 
 def inputs(batch, vocab, n_guides, dtype, device, **settings):

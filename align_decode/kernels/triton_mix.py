@@ -188,6 +188,23 @@ def _argmax_lanes(best, best_idx, best_z):
 
 
 @triton.jit
+def _take_larger(score, z, cols, best, best_idx, best_z):
+    """Per lane, keep the larger noisy score (strict: the earliest token of a lane wins ties, since tiles
+    go in token order), with its token and its z."""
+    take = score > best
+    return tl.where(take, score, best), tl.where(take, cols, best_idx), tl.where(take, z, best_z)
+
+
+@triton.jit
+def _store_partial(best, best_idx, best_z, part_score_ptr, part_idx_ptr, part_z_ptr, out):
+    """A split's (score, token, z) from its lanes' running maxima."""
+    top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
+    tl.store(part_score_ptr + out, top)
+    tl.store(part_idx_ptr + out, pick)
+    tl.store(part_z_ptr + out, z_pick)
+
+
+@triton.jit
 def _row_settings(row, fparams, iparams, batch, V):
     """The row's settings from the packed tensors, and which filters it uses (top_k >= V keeps all)."""
     temperature = tl.load(fparams + row)
@@ -245,16 +262,9 @@ def _tiles_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_ptr, 
         tl.store(tile_s_ptr + row * n_tiles + t, s_t)
         if HAS_NOISE:
             score = z + tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
-            take = score > best  # strict: the earliest token of a lane wins ties; tiles go in token order
-            best = tl.where(take, score, best)
-            best_idx = tl.where(take, cols, best_idx)
-            best_z = tl.where(take, z, best_z)
+            best, best_idx, best_z = _take_larger(score, z, cols, best, best_idx, best_z)
     if HAS_NOISE:
-        top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
-        out = row * n_splits + split
-        tl.store(part_score_ptr + out, top)
-        tl.store(part_idx_ptr + out, pick)
-        tl.store(part_z_ptr + out, z_pick)
+        _store_partial(best, best_idx, best_z, part_score_ptr, part_idx_ptr, part_z_ptr, row * n_splits + split)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -416,16 +426,9 @@ def _kept_tiles_kernel(policy_ptr, policy_stride, guides, guide_strides, weight_
             if HAS_NOISE:
                 g = tl.load(noise_ptr + row * noise_stride + cols, mask=in_range, other=0.0).to(tl.float32)
                 score = tl.where(kept, z + g, float("-inf"))
-                take = score > best
-                best = tl.where(take, score, best)
-                best_idx = tl.where(take, cols, best_idx)
-                best_z = tl.where(take, z, best_z)
+                best, best_idx, best_z = _take_larger(score, z, cols, best, best_idx, best_z)
         if HAS_NOISE:
-            top, pick, z_pick = _argmax_lanes(best, best_idx, best_z)
-            out = row * n_splits + split
-            tl.store(part_score_ptr + out, top)
-            tl.store(part_idx_ptr + out, pick)
-            tl.store(part_z_ptr + out, z_pick)
+            _store_partial(best, best_idx, best_z, part_score_ptr, part_idx_ptr, part_z_ptr, row * n_splits + split)
 
 
 # ----------------------------------------------------------------------------------------------------------
