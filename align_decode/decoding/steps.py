@@ -5,7 +5,7 @@ scores the partial responses there. The loop decides token by token, so the deli
 vocabulary once per tokenizer:
 
 - a token whose text contains the delimiter ends the step it belongs to (with SmolLM2's tokenizer
-  "\\n\\n", ".\\n\\n" and "\\n\\n\\n" are single tokens);
+  "\\n\\n" and "\\n\\n\\n" are single tokens; ".\\n\\n" is "." then "\\n\\n");
 - a delimiter split over two tokens ends the step at the second one: the previous token's text ends with
   the delimiter's first k characters and the new token's text starts with the rest.
 
