@@ -1,9 +1,10 @@
 """Step-level search and early-pruned best-of-N against plain best-of-N at equal compute.
 
-On the quality benchmark's sentiment task (SmolLM2-135M-Instruct, held-out prompts, chat template, T = 1)
-every method is scored by the task's reward (VADER compound) on its final answers; the process reward of
-the searches is the same reward applied to the partial responses (`PrefixReward`), steps of
---step-tokens tokens. Compute is counted, not timed: token positions run through the policy (prefill
+On a task of the quality benchmark (`--task`: sentiment, chat prompts scored by VADER's compound; or
+non_toxicity, RealToxicityPrompts prefixes continued as text and scored by alt-profanity-check),
+SmolLM2-135M-Instruct, held-out prompts, T = 1, every method is scored by the task's reward on its final
+answers; the process reward of the searches is the same reward applied to the partial responses
+(`PrefixReward`), steps of --step-tokens tokens. Compute is counted, not timed: token positions run through the policy (prefill
 once per prompt; forks share it) and reward calls, per prompt, so the numbers do not depend on the load
 of the machine. Best-of-N runs as PrunedBestOfN with nothing pruned, which draws best-of-N's candidates
 token for token (tests/decoding/test_pruned_best_of_n.py) and counts its forward tokens.
@@ -34,14 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from align_decode import DVTS, AlignedModel, ParticleFilter, PrunedBestOfN, StepBeamSearch  # noqa: E402
 from align_decode.models import load_model  # noqa: E402
-from align_decode.rewards import SentimentReward  # noqa: E402
 from align_decode.rewards.process import PrefixReward  # noqa: E402
 from benchmarks.quality.tasks import TASKS  # noqa: E402
 
 
-def configurations(step_tokens: int, cap: int):
+def configurations(reward, step_tokens: int, cap: int):
     """(family, label, strategy factory) at several budgets each."""
-    reward = SentimentReward()
     prm = PrefixReward(reward)
     steps = dict(step_delimiter=None, step_tokens=step_tokens, max_steps=math.ceil(cap / step_tokens))
     out = []
@@ -61,12 +60,14 @@ def configurations(step_tokens: int, cap: int):
     return out
 
 
-def run(model, tok, records, factory, cap: int, seed: int) -> dict:
-    reward = SentimentReward()
-    chats = [[{"role": "user", "content": r.text}] for r in records]
+def run(model, tok, task, records, reward, factory, cap: int, seed: int) -> dict:
     tok.padding_side = "left"
-    enc = tok.apply_chat_template(chats, add_generation_prompt=True, return_dict=True, return_tensors="pt",
-                                  padding=True)
+    if task.chat_template:
+        chats = [[{"role": "user", "content": r.text}] for r in records]
+        enc = tok.apply_chat_template(chats, add_generation_prompt=True, return_dict=True, return_tensors="pt",
+                                      padding=True)
+    else:  # a text to continue (RealToxicityPrompts prefixes)
+        enc = tok([r.text for r in records], return_tensors="pt", padding=True, add_special_tokens=False)
     strategy = factory()
     start = time.perf_counter()
     out = AlignedModel(model, tokenizer=tok, strategy=strategy).generate(
@@ -95,6 +96,7 @@ def tokens_to_reach(points: list[tuple[float, float]], target: float) -> float |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="sentiment")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--step-tokens", type=int, default=8)
@@ -104,10 +106,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model()
-    records = TASKS["sentiment"].records("test", args.prompts)
+    task = TASKS[args.task]
+    records, reward = task.records("test", args.prompts), task.reward()
     rows = []
-    for family, label, factory in configurations(args.step_tokens, args.max_new_tokens):
-        result = run(model, tok, records, factory, args.max_new_tokens, args.seed)
+    for family, label, factory in configurations(reward, args.step_tokens, args.max_new_tokens):
+        result = run(model, tok, task, records, reward, factory, args.max_new_tokens, args.seed)
         rows.append({"family": family, "label": label, **result})
         print(f"{label:40s} reward {result['reward']:.3f} +- {result['se']:.3f}  fwd tokens/prompt "
               f"{result['forward_tokens']:7.0f}  reward calls/prompt {result['reward_calls']:5.1f}  "
