@@ -514,7 +514,7 @@ def serve_command(ctx: click.Context, **p):
     "config naming the policy and guide folders, its tokenizer files (copied) and its .safetensors weights "
     "(symlinked, no copies; guide weights are read from their own folders, so keep all folders in place). "
     "Requests opt in as with the processor path: extra_args {\"align_decode\": {\"guides\": {NAME: weight}}}. "
-    "Prompted ARMs cannot be packed: serve them through ALIGN_DECODE_GUIDES."
+    "Prompted ARMs cannot be packed (nor served by the processor path): serve them with align-decode serve."
 ))
 @click.option("--policy", required=True, metavar="DIR", help="the policy's model folder (safetensors)")
 @click.option("--guide", "guides", multiple=True, required=True, metavar="NAME=DIR",

@@ -14,7 +14,12 @@ best-of-N (--part bon), N candidates per chat prompt, T = 1, a word-count reward
 
 QAlign (--part qalign), the issue's settings: beta 1, --steps steps, suffixes of at most --tokens tokens
 with the official suffix-length convention (length_cap="suffix"), a word-count reward, --chains chains per
-prompt:
+prompt. Both sides target the same law: the official Quest core does not clamp rewards (its reward-model
+classes clamp their outputs to +-40; a plain Reward such as this word count is not clamped), so our
+chains run with reward_clamp=None unless --reward-clamp C, which clamps both sides' rewards to +-C (ours
+through reward_clamp, the official's by clipping its reward's outputs). With our default clamp of 40 on
+one side only, the two samplers target different laws (word counts pass 40 after a few steps with the
+suffix cap) and accept at different rates (RESULTS.md, issue 20):
     official      quest-decoding 1.0.16 (Quest + RLHFSuffixProposal + its VLLM model class) on the same
                   vllm.LLM; its VLLM.continuation is re-stated with TokensPrompt because vLLM 0.32's
                   LLM.generate has no prompt_token_ids keyword (the same request otherwise), and stub
@@ -24,6 +29,9 @@ prompt:
                   default block size 128), a second engine in this process
     prev          QAlign(engine=VLLMEngine, pipeline=False): the chains in lockstep, one generate call a step
     pipelined     QAlign(engine=VLLMEngine, pipeline=True): each chain submits its next proposal when its last returns
+    prefetch      QAlign(engine=VLLMEngine, prefetch=--prefetch): lockstep, each engine call draws each chain's
+                  next --prefetch proposals on the all-rejected branch (pre-fetching; the same chains as prev);
+                  prefetchN: the same with N proposals
     floor         not QAlign: each step, every chain's (cached) prompt continued for exactly --tokens tokens in
                   one generate call: the decode work alone of a step whose suffixes all reach the cap
 
@@ -259,21 +267,29 @@ def bench_qalign(args):
     batch = PromptBatch(*left_pad(prompts, settings.pad_id), chat)
     epolicy = EnginePolicy(tok, emodel)
 
-    def ours(pipeline):
+    def ours(pipeline, prefetch=1):
         def run(steps=args.steps):
             strategy = QAlign(reward, beta=1.0, steps=steps, chains=args.chains, length_cap=args.length_cap,
-                              engine=engine, pipeline=pipeline)
-            tr = strategy.run(epolicy, batch, settings).extras.trace
-            generated = sum(len(p) - int(i) for step, cut in zip(tr.proposals, tr.indices)
-                            for p, i in zip(step, cut))
-            generated += sum(len(s) for s in tr.states[0])
+                              engine=engine, pipeline=pipeline, prefetch=prefetch, reward_clamp=args.reward_clamp)
+            out = strategy.run(epolicy, batch, settings)
+            tr = out.extras.trace
+            generated = out.sampled_tokens  # every token drawn, pre-fetched proposals discarded unjudged included
             return {"generated": generated, "prompt": tr.forward_tokens - generated + tr.cached_tokens,
-                    "cached": tr.cached_tokens, "accept": float(tr.acceptance_rate.mean())}
+                    "cached": tr.cached_tokens, "accept": float(tr.acceptance_rate.mean()),
+                    "discarded": tr.discarded_proposals or 0}
         return run
 
-    run = {"prev": ours(False), "pipelined": ours(True)}
+    run = {"prev": ours(False), "pipelined": ours(True), "prefetch": ours(False, args.prefetch)}
+    for name in args.variants.split(","):
+        if name.startswith("prefetch") and name[len("prefetch"):].isdigit():  # prefetch2, prefetch4, ...
+            run[name] = ours(False, int(name[len("prefetch"):]))
     def official_on(llm, name):
         Quest, Proposal, model, qreward, counts = official_quest(types.SimpleNamespace(llm=llm), path, args)
+        if args.reward_clamp is not None:
+            # The clamp the official reward-model classes apply to their outputs, on this reward.
+            words_reward, limit = qreward, args.reward_clamp
+            qreward = types.SimpleNamespace(evaluate=lambda candidates, **kw: list(
+                np.clip(words_reward.evaluate(candidates, **kw), -limit, limit)))
 
         def official(steps=args.steps):
             for k in counts:
@@ -282,7 +298,7 @@ def bench_qalign(args):
             chain = Quest(input_data=data, proposal=Proposal(model=model, reward=qreward), beta=1.0)
             out = chain.run(steps=steps, use_tqdm=False)
             accepted = [a for s in out.state_path[1:] for a in s["accept"]]
-            return {**counts, "accept": float(np.mean(accepted)) if accepted else float("nan")}
+            return {**counts, "accept": float(np.mean(accepted)) if accepted else float("nan"), "discarded": 0}
         run[name] = official
 
     def floor(steps=args.steps):
@@ -299,7 +315,7 @@ def bench_qalign(args):
                                     detokenize=False)
             outs = engine.llm.generate(reqs, params, use_tqdm=False)
             generated += sum(len(o.outputs[0].token_ids) for o in outs)
-        return {"generated": generated, "prompt": 0, "cached": 0, "accept": float("nan")}
+        return {"generated": generated, "prompt": 0, "cached": 0, "accept": float("nan"), "discarded": 0}
     run["floor"] = floor
 
     names = args.variants.split(",")
@@ -332,17 +348,22 @@ def bench_qalign(args):
           f"max_new_tokens {args.tokens} (length_cap={args.length_cap}), word-count reward, {args.threads} thread(s), "
           f"{args.rounds} interleaved rounds, load {os.getloadavg()}")
     print(f"engine block size {engine.llm.llm_engine.vllm_config.cache_config.block_size} (official-own: its own "
-          f"engine, block {args.official_block_size})")
-    print(f"{'variant':<10} {'s/step':>8} {'range':>13} {'gen tok/step':>12} {'prompt tok/step':>15} "
-          f"{'cached/step':>11} {'accept':>7}")
+          f"engine, block {args.official_block_size}); reward clamp {args.reward_clamp} on both sides; prefetch "
+          f"variant: {args.prefetch} proposals a chain per call")
+    print(f"{'variant':<12} {'s/step':>8} {'range':>13} {'gen tok/step':>12} {'prompt tok/step':>15} "
+          f"{'cached/step':>11} {'accept':>7} {'discarded/step':>14}")
     for v in variants:
         rs = results[v]
         per = [x["seconds"] / args.steps for x in rs]
         med = lambda key: statistics.median(x[key] / (args.steps + 1) for x in rs)
-        print(f"{v:<10} {statistics.median(per):>8.3f} {min(per):>6.3f}-{max(per):<6.3f} {med('generated'):>12.0f} "
-              f"{med('prompt'):>15.0f} {med('cached'):>11.0f} {statistics.median(x['accept'] for x in rs):>7.2f}")
-    for a, b in (("pipelined", "official"), ("pipelined", "official-own"), ("pipelined", "prev"), ("floor", "official-own"),
-                 ("prev", "official"), ("prev", "official-own")):
+        print(f"{v:<12} {statistics.median(per):>8.3f} {min(per):>6.3f}-{max(per):<6.3f} {med('generated'):>12.0f} "
+              f"{med('prompt'):>15.0f} {med('cached'):>11.0f} {statistics.median(x['accept'] for x in rs):>7.2f} "
+              f"{statistics.median(x['discarded'] / args.steps for x in rs):>14.2f}")
+    # Every variant against each baseline that ran (the official code on its own engine and on ours, the
+    # lockstep chains, the decode-only floor), paired per round.
+    pairs = [(a, b) for b in ("official-own", "official", "prev", "floor") for a in variants
+             if a != b and b in results and not (b == "official" and a == "official-own")]
+    for a, b in pairs:
         if a in results and b in results:
             ratios = [results[a][i]["seconds"] / results[b][i]["seconds"] for i in range(args.rounds)]
             print(f"time {a} / {b}: per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f}")
@@ -365,6 +386,9 @@ def main() -> None:
                     help="block size of the official-own variant's engine [vLLM's CPU default, 128]")
     ap.add_argument("--length-cap", default="suffix", choices=["suffix", "response"],
                     help="QAlign's length_cap for prev / pipelined (the official code always caps each suffix)")
+    ap.add_argument("--reward-clamp", type=float, default=None,
+                    help="clamp both sides' rewards to +-C [none: the official Quest core clamps nothing]")
+    ap.add_argument("--prefetch", type=int, default=3, help="the prefetch variant's proposals per chain and call")
     ap.add_argument("--variants", default=None)
     args = ap.parse_args()
     if args.part == "bon":
@@ -373,7 +397,7 @@ def main() -> None:
         bench_bon(args)
     else:
         args.tokens = args.tokens or 32
-        args.variants = args.variants or "official-own,official,prev,pipelined"
+        args.variants = args.variants or "official-own,official,prev,pipelined,prefetch"
         bench_qalign(args)
 
 

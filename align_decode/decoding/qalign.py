@@ -19,10 +19,27 @@ chains are pipelined on the engine's request queue (each submits its next propos
 returned and was scored), with the official suffix cap they run in lockstep (`pipeline=` chooses). The index, the acceptance draw and the suffix seed of each chain
 and step are the same as in process, so the chains and their law do not depend on the schedule.
 
+Pre-fetching (`prefetch=d`, engine, lockstep): a chain in state y proposes at step k from y and, if that
+proposal is rejected, at step k+1 from y again, and so on: the proposals of steps k .. k+d-1 on the
+all-rejected branch all continue y, with cuts and seeds fixed by the chain's seed, so one engine call can
+draw them all before any is scored (Brockwell 2006, "Parallel Markov chain Monte Carlo simulation by
+pre-fetching"). They are then judged in step order; the first accepted one moves the chain and the rest
+are discarded. Every proposal a chain uses is the one the one-step-at-a-time chain draws, so the chains
+(and their law) are unchanged; the engine draws more tokens in fewer, wider calls. One call advances a
+chain 1 + (1-a) + ... + (1-a)^(d-1) steps on average at acceptance rate a, but an accepted proposal still
+ends its round, so lockstep rounds never fall below the acceptances of the most-accepting chain. It pays
+only where a wider engine step costs little more than a narrow one (few chains on the engine) and a is
+low; on vLLM's CPU build (4 chains, a = 0.47) prefetch=2 took 0.94x the one-step lockstep time
+(benchmarks/RESULTS.md, issue 20), so it is off by default.
+
 Official-code compatibility: rewards are clamped to ±40 (reward_clamp) and the log-ratio to ±20
-(log_ratio_clamp). `length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole
-response, as the official code does (responses can then grow along the chain and the target is no
-longer over a fixed set of responses); the default "response" caps the whole response.
+(log_ratio_clamp). The official code clamps rewards in its reward-model classes, not in its chain: a plain
+official `Reward` (a word count, say) is not clamped, so matching it needs reward_clamp=None. With the
+clamp the target is p(y|x) exp(clip(r, ±40) / beta), the paper's p exp(r / beta) wherever |r| <= 40;
+where rewards pass 40 every response past the clamp scores the same, and the chain accepts more often.
+`length_cap="suffix"` lets max_new_tokens bound each new suffix instead of the whole response, as the
+official code does (responses can then grow along the chain and the target is no longer over a fixed set
+of responses); the default "response" caps the whole response.
 """
 
 from __future__ import annotations
@@ -81,6 +98,7 @@ class QAlignTrace(Report):
     forward_tokens: int  # token positions run through the policy (or computed by the engine)
     chains_per_prompt: int
     cached_tokens: int | None = None  # prefix tokens an engine's prefix cache served (engine only)
+    discarded_proposals: int | None = None  # pre-fetched proposals drawn but never judged (prefetch > 1 only)
 
 
 @dataclass
@@ -121,6 +139,11 @@ class QAlign(Strategy):
             step only. None (default): pipelined with length_cap="response" (suffix budgets differ, so
             lockstep would wait for the longest), lockstep with "suffix" (suffixes mostly run to the same
             cap; measured faster in lockstep on vLLM's CPU build).
+        prefetch: with an engine, how many proposals each lockstep chain draws per engine call
+            (pre-fetching, see the module docstring): those of its next `prefetch` steps on the branch
+            where they are all rejected. The chains are those of 1 (off, the default); more tokens are
+            drawn in fewer engine calls. Only worth trying for few chains (a narrow engine batch) at low
+            acceptance rates; not combined with pipeline=True.
         (The options are declared with their ranges in `decoding.options.QAlignOptions`.)
 
     Example:
@@ -150,6 +173,7 @@ class QAlign(Strategy):
         backend: SamplingEngine | None = None,
         answer_kind: str = QAlignOptions.answer_kind,
         pipeline: bool | None = None,
+        prefetch: int = 1,
     ):
         if reward is None:
             raise ValueError("QAlign needs a reward")
@@ -168,6 +192,17 @@ class QAlign(Strategy):
         engine = engine_argument(engine, backend)
         if engine is not None and not isinstance(engine, SamplingEngine):
             raise TypeError(f"engine must be a SamplingEngine (e.g. VLLMEngine), got {type(engine).__name__}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+            raise ValueError(f"prefetch (proposals a chain draws per engine call) must be an integer >= 1, got {prefetch!r}")
+        if prefetch > 1:
+            if engine is None:
+                raise ValueError(f"prefetch={prefetch} needs an engine (engine=VLLMEngine(...)): in process each chain "
+                                 "keeps one KV cache and draws one proposal a step")
+            if pipeline:
+                raise ValueError(f"prefetch={prefetch} draws lockstep chains' proposals ahead; it does not combine "
+                                 "with pipeline=True")
+            pipeline = False
+        self.prefetch = prefetch
         if pipeline is None:
             # Measured on vLLM's CPU build (benchmarks/RESULTS.md, issue 20): pipelining gains where suffixes
             # end at different lengths (the response cap: budgets cap - i), and loses ~10% where they all run
@@ -182,6 +217,8 @@ class QAlign(Strategy):
                "length_cap": self.length_cap}
         if self.engine is not None:
             out["engine"] = self.engine.name
+        if self.prefetch > 1:
+            out["prefetch"] = self.prefetch
         return out
 
     # ------------------------------------------------------------------------------------ the chain
@@ -231,6 +268,12 @@ class QAlign(Strategy):
         if engine is not None and self.pipeline:
             trace, sampled, forward_tokens, cached_tokens = self._pipelined(
                 policy, settings, rows, chain_seeds, prompt_ids, prompt_texts)
+            return self._finish(policy, trace, sampled, forward_tokens, cached_tokens, batch.size, m, settings,
+                                device)
+
+        if engine is not None and self.prefetch > 1:
+            trace, sampled, forward_tokens, cached_tokens = self._prefetched(
+                policy, settings, rows, chain_seeds, prompt_ids, prompt_texts, device)
             return self._finish(policy, trace, sampled, forward_tokens, cached_tokens, batch.size, m, settings,
                                 device)
 
@@ -309,6 +352,88 @@ class QAlign(Strategy):
         out = self._output(picks, trace, settings, device)
         out.sampled_tokens = sampled
         return out
+
+    def _prefetched(self, policy, settings: GenerationSettings, rows, chain_seeds, prompt_ids, prompt_texts, device):
+        """Lockstep chains with pre-fetched proposals (see the module docstring): each engine call draws, for
+        every unfinished chain at step k, the proposals of steps k .. k+prefetch-1 from its current state;
+        they are judged in step order and the first accepted one ends the chain's round. Each proposal's
+        cut, suffix seed and acceptance draw are those of the lockstep path, so the chains are the same.
+        Returns (trace lists, sampled tokens, forward tokens, cached tokens)."""
+        engine, steps, cap = self.engine, self.steps, settings.max_new_tokens
+        step_seeds = [derive_seeds(chain_seeds, k) for k in range(steps + 1)]
+        suffix_seeds = [derive_seeds(s, _SUFFIX).tolist() for s in step_seeds]
+        u_index = [None] + [row_uniform(step_seeds[k], _INDEX) for k in range(1, steps + 1)]
+        log_u_accept = [None] + [torch.log(row_uniform(step_seeds[k], _ACCEPT)) for k in range(1, steps + 1)]
+
+        # State 0: one ancestral sample per chain, as in the lockstep path.
+        first, forward_tokens, cached_tokens = self._engine_draw(
+            prompt_ids, torch.full((rows,), cap), step_seeds[0], settings, device)
+        state = [first.tokens[c, : int(first.lengths[c])].tolist() for c in range(rows)]
+        state_lp = [first.logprobs[c, : int(first.lengths[c])].tolist() for c in range(rows)]
+        sampled = first.total_sampled()
+        settings.report("chain step", 0, steps)
+        reward = self._score(policy, prompt_texts, prompt_ids, state).clone()  # updated in place below
+        states = [list(state)] + [[None] * rows for _ in range(steps)]
+        states_lp = [list(state_lp)] + [[None] * rows for _ in range(steps)]
+        rewards = torch.zeros(steps + 1, rows, dtype=reward.dtype)
+        rewards[0] = reward
+        accepted = torch.zeros(steps + 1, rows, dtype=torch.bool)
+        accepted[0] = True
+        cuts = torch.zeros(steps, rows, dtype=torch.long)
+        proposals = [[None] * rows for _ in range(steps)]
+        proposal_rewards = torch.zeros(steps, rows, dtype=reward.dtype)
+        next_step = [1] * rows
+        discarded, reported = 0, 0
+        while True:
+            requests = []  # (chain, step, cut), each chain's in step order
+            prefixes, budgets, seeds = [], [], []
+            for c in range(rows):
+                n = torch.tensor([len(state[c])], dtype=torch.long)
+                for k in range(next_step[c], min(next_step[c] + self.prefetch, steps + 1)):
+                    # Uniform on {0..n-1}: the cut the chain makes at step k if it is still in this state.
+                    cut = int((u_index[k][c:c + 1] * n).floor().long().clamp(max=n - 1))
+                    requests.append((c, k, cut))
+                    prefixes.append(prompt_ids[c] + state[c][:cut])
+                    budgets.append(cap - cut if self.length_cap == "response" else cap)
+                    seeds.append(suffix_seeds[k][c])
+            if not requests:
+                break
+            out = engine.generate(prefixes, budgets, settings, seeds)
+            drawn = out.decoded(settings.pad_id, device)
+            forward_tokens, cached_tokens = forward_tokens + out.forward_tokens, cached_tokens + out.cached_tokens
+            sampled += drawn.total_sampled()
+            lengths = drawn.lengths.tolist()
+            responses = [state[c][:cut] + drawn.tokens[i, : lengths[i]].tolist() for i, (c, _, cut) in enumerate(requests)]
+            chains = [c for c, _, _ in requests]
+            r = self._score(policy, None if prompt_texts is None else [prompt_texts[c] for c in chains],
+                            [prompt_ids[c] for c in chains], responses)
+            moved = set()  # chains that accepted a proposal in this call: their later ones are discarded
+            for i, ((c, k, cut), response) in enumerate(zip(requests, responses)):
+                if c in moved:
+                    discarded += 1
+                    continue
+                cuts[k - 1, c] = cut
+                proposals[k - 1][c] = response
+                proposal_rewards[k - 1, c] = r[i]
+                n_old = torch.tensor([len(state[c])], dtype=torch.long)
+                n_new = torch.tensor([len(response)], dtype=torch.long)
+                log_a = acceptance_log_ratio(r[i:i + 1], reward[c:c + 1], n_new, n_old, self.beta, self.log_ratio_clamp)
+                if bool(log_u_accept[k][c:c + 1] < log_a):
+                    accepted[k, c] = True
+                    state[c] = response
+                    state_lp[c] = state_lp[c][:cut] + drawn.logprobs[i, : lengths[i]].tolist()
+                    reward[c] = r[i]
+                    moved.add(c)
+                states[k][c], states_lp[k][c], rewards[k, c] = state[c], state_lp[c], reward[c]
+                next_step[c] = k + 1
+            low = min(next_step) - 1
+            if low > reported:
+                reported = low
+                settings.report("chain step", low, steps)
+        trace = {"states": states, "state_logprobs": states_lp, "rewards": list(rewards),
+                 "accepted": list(accepted), "indices": list(cuts), "proposals": proposals,
+                 "proposal_rewards": list(proposal_rewards), "discarded_proposals": discarded}
+        return trace, sampled, forward_tokens, cached_tokens
 
     def _pipelined(self, policy, settings: GenerationSettings, rows, chain_seeds, prompt_ids, prompt_texts):
         """Every chain on the engine's request queue: a chain's next proposal is submitted as soon as its

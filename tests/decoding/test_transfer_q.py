@@ -25,8 +25,8 @@ class IdReward(SequenceReward):
 
     name = "ids"
 
-    def __init__(self, seed: int = 0, scale: float = 1.0):
-        self.c = torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    def __init__(self, seed: int = 0, scale: float = 1.0, vocab: int = VOCAB):
+        self.c = torch.randn(vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
         self.calls = 0
 
     def value(self, completion) -> float:
@@ -71,23 +71,23 @@ def _logp(model, seq):
 _ROLLOUTS: dict = {}
 
 
-def _scratch_rollout(baseline, seq, h):
+def _scratch_rollout(baseline, seq, h, stops=EOS):
     """The official pattern: model.generate from the full prefix + candidate, greedy, H tokens, EOS stop
     (memoised: several tests ask for the same rollouts)."""
-    key = (id(baseline), tuple(seq), h)
+    key = (id(baseline), tuple(seq), h, str(stops))
     if key not in _ROLLOUTS:
-        _ROLLOUTS[key] = _generate_rollout(baseline, seq, h)
+        _ROLLOUTS[key] = _generate_rollout(baseline, seq, h, stops)
     return _ROLLOUTS[key]
 
 
-def _generate_rollout(baseline, seq, h):
+def _generate_rollout(baseline, seq, h, stops=EOS):
     if h == 0:
         return []
     with torch.no_grad():
         # An explicit mask: generate() would otherwise take a pad id inside the sequence for padding.
         seq_ids = torch.tensor([list(seq)])
         out = baseline.generate(input_ids=seq_ids, attention_mask=torch.ones_like(seq_ids), max_new_tokens=h,
-                                do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+                                do_sample=False, eos_token_id=stops, pad_token_id=PAD)
     return out[0, len(seq):].tolist()
 
 
@@ -340,7 +340,9 @@ def test_with_weights_changes_alpha_only(models):
                                                     rollout_len=2)).generate(**kw)
     assert torch.equal(aligned.generate(**kw, strategy=tq.with_weights([4.0])), fresh)
     assert not torch.equal(aligned.generate(**kw), fresh)
-    assert tq.alpha == 0.1 and tq.with_weights(2.0).guide is tq.guide
+    other = tq.with_weights(2.0)
+    assert tq.alpha == 0.1 and (tq.guide.alpha, other.guide.alpha) == (0.1, 2.0)  # the guide prunes with its own
+    assert other.guide.baseline is tq.guide.baseline and other.guide.reward is tq.guide.reward  # nothing reloaded
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -412,3 +414,223 @@ def test_a_baseline_that_is_the_decoding_model_shares_its_session_with_the_same_
     # The shared prefix cache costs the baseline nothing: only its rollouts run.
     own_prefix = separate.alignment["baseline_forward_tokens"] - shared.alignment["baseline_forward_tokens"]
     assert own_prefix == separate.alignment["prior_forward_tokens"]
+
+
+def _recycling_cases(out, ids, mask):
+    """How each step's recycled candidate (the one that starts the last chosen token's rollout) was served:
+    'stopped' (that rollout ended on a stop), 'cut' (it covers the new limit), 'extended' (tokens missing)."""
+    cases = []
+    stops = set(STOPS)
+    for row, (prompt, gen) in enumerate(_rows(out, ids, mask)):
+        trace = out.alignment["trace"][row]
+        for t in range(1, len(trace)):
+            before = trace[t - 1]
+            tau = before["rollouts"][before["candidates"].index(gen[t - 1])][0]
+            if tau and tau[0] in trace[t]["candidates"] and tau[0] not in stops:  # a stop needs no rollout
+                new = trace[t]["rollouts"][trace[t]["candidates"].index(tau[0])][0]
+                if not new:  # the response budget is spent: no rollout at all
+                    continue
+                cases.append("stopped" if tau[-1] in stops else "cut" if len(new) <= len(tau) - 1 else "extended")
+    return cases
+
+
+_RECYCLING: dict = {}
+
+
+def _recycling_run(models, prior, rollout_len, via):
+    """The same decoding with rollout recycling on and off (memoised): (on, off, prompt ids, mask)."""
+    from engine_support import LoopEngine
+
+    key = (prior, rollout_len, via)
+    if key not in _RECYCLING:
+        policy, baseline = models
+        ids, mask = _prompts()
+        engine = LoopEngine(baseline) if via == "engine" else None
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=True, top_k=0,
+                  seed=[STOP_SEED, 1], eos_token_id=STOPS, pad_token_id=PAD, return_dict_in_generate=True)
+        runs = []
+        for recycle in (True, False):
+            tq = TransferQ(baseline, IdReward(seed=2), alpha=1.0, k=4, rollout_len=rollout_len, prior=prior,
+                           trace_rollouts=True, engine=engine, recycle_rollouts=recycle)
+            runs.append(AlignedModel(policy, strategy=tq).generate(**kw))
+        _RECYCLING[key] = (*runs, ids, mask)
+    return _RECYCLING[key]
+
+
+RECYCLING_CASES = [(prior, rollout_len, via) for prior in ("baseline", "policy") for rollout_len in (3, None)
+                   for via in ("in process", "engine")]
+
+
+@pytest.mark.parametrize("prior, rollout_len, via", RECYCLING_CASES)
+def test_recycled_rollouts_are_the_rollouts_from_scratch(models, prior, rollout_len, via):
+    """Recycling the chosen token's greedy rollout for the candidate it starts with changes nothing: the
+    same tokens, candidates, Q-values and rollouts as rolling every candidate out (each rollout also equal
+    to generate() from scratch), with that candidate's rollout taken from the old one (cut to the new limit,
+    complete when it had stopped, or continued for the missing tokens only)."""
+    _, baseline = models
+    on, off, ids, mask = _recycling_run(models, prior, rollout_len, via)
+    assert torch.equal(on.sequences, off.sequences)
+    assert on.alignment["trace"] == off.alignment["trace"]
+    assert off.alignment["recycled_rollouts"] == 0
+    cases = _recycling_cases(on, ids, mask)
+    assert on.alignment["recycled_rollouts"] == len(cases) > 0
+    assert on.alignment["recycled_tokens"] > 0
+    assert on.alignment["rollout_tokens"] == off.alignment["rollout_tokens"]
+    for row, (prompt, gen) in enumerate(_rows(on, ids, mask)):
+        for t, step in enumerate(on.alignment["trace"][row]):
+            for c, rollouts in zip(step["candidates"], step["rollouts"]):
+                limit = 0 if c in STOPS else rollout_len if rollout_len is not None else 7 - t - 1
+                assert rollouts == [_scratch_rollout(baseline, prompt + gen[:t] + [c], limit, STOPS)]
+    if rollout_len is None:  # the old rollout always covers the new limit: nothing generated for it again
+        assert "extended" not in cases
+        assert on.alignment["baseline_forward_tokens"] < off.alignment["baseline_forward_tokens"]
+    else:
+        assert "extended" in cases
+
+
+def test_recycling_covers_stopped_cut_and_extended_rollouts_and_pruned_rows(models):
+    """Between them, the cases above serve a recycled rollout in each of the three ways, and in some of them
+    a row ends early (the loop prunes it: the recycling state must follow the remaining rows)."""
+    seen, early = set(), 0
+    for case in RECYCLING_CASES:
+        on, _, ids, mask = _recycling_run(models, *case)
+        seen |= set(_recycling_cases(on, ids, mask))
+        lengths = on.alignment["lengths"].tolist()
+        early += min(lengths) < max(lengths) and on.alignment["recycled_rollouts"] > 0
+    assert seen == {"stopped", "cut", "extended"}
+    assert early > 0
+
+
+def test_recycling_is_off_for_sampled_rollouts_and_must_be_a_bool(models):
+    tq = TransferQ(models[1], IdReward(), num_rollouts=2, rollout_sampling="sample")
+    assert tq.hyperparameters()["recycle_rollouts"] is False
+    assert TransferQ(models[1], IdReward()).hyperparameters()["recycle_rollouts"] is True
+    with pytest.raises(TypeError, match="recycle_rollouts"):
+        TransferQ(models[1], IdReward(), recycle_rollouts="yes")
+
+
+@pytest.mark.vllm
+def test_official_settings_on_vllm_recycle_and_share_the_prefix_through_the_cache(tmp_path_factory):
+    """On vLLM's CPU build (block size 32): greedy Transfer Q* with the official settings gives the tokens,
+    candidates, Q-values and rollouts of the in-process path, with and without recycling; every rollout
+    request finds the prompt's first 32-token block in the engine's prefix cache."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
+    from align_decode.serving.engines import VLLMEngine
+    from vllm_support import load, save_models
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        path = save_models(tmp_path_factory.mktemp("tq-vllm"))["policy"]
+        engine = VLLMEngine(path, dtype="float32", max_model_len=128, max_num_seqs=64, enforce_eager=True,
+                            block_size=32)
+        try:
+            model = load(path)
+            prompts = [[2] + [6 + (5 * j) % 50 for j in range(40)], [2] + [7 + (3 * j) % 50 for j in range(36)]]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+            kw = dict(input_ids=ids, attention_mask=(ids != PAD).long(), max_new_tokens=6, do_sample=False,
+                      eos_token_id=EOS, pad_token_id=PAD, return_dict_in_generate=True)
+            runs = {}
+            for name, eng, recycle in (("hf", None, True), ("vllm", engine, True), ("vllm-off", engine, False)):
+                tq = TransferQ.official(model, IdReward(seed=4, vocab=64), k=4, rollout_len=5, engine=eng,
+                                        trace_rollouts=True, recycle_rollouts=recycle)
+                engine.llm.reset_prefix_cache()  # each run starts from a cold cache: their counts compare
+                runs[name] = AlignedModel(model, strategy=tq).generate(**kw)
+        finally:
+            engine.close()
+    for name in ("vllm", "vllm-off"):
+        assert torch.equal(runs[name].sequences, runs["hf"].sequences)
+        assert runs[name].alignment["trace"] == runs["hf"].alignment["trace"]
+    on, off = runs["vllm"].alignment, runs["vllm-off"].alignment
+    assert on["recycled_rollouts"] > 0 and off["recycled_rollouts"] == 0
+    # A recycled request prefills the old rollout's tokens (from the cache where they fill a block) instead of
+    # decoding them: never more positions than rolling out again.
+    assert on["baseline_forward_tokens"] <= off["baseline_forward_tokens"]
+    # Every request's prompt (> 32 tokens) finds its first block in the cache, but the first one of each
+    # prompt (the others of its step share the block it fills in the same engine step).
+    assert off["rollout_cached_tokens"] >= 32 * (off["rollouts"] - len(prompts))
+    assert runs["hf"].alignment["rollout_cached_tokens"] == 0
+
+
+class TanhReward(IdReward):
+    """IdReward squashed into (-1, 1): a reward with a known range that it nearly reaches."""
+
+    name = "tanh_ids"
+
+    def value(self, completion) -> float:
+        return math.tanh(super().value(completion) / 2)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, -1.0])
+@pytest.mark.parametrize("prior, via", [("policy", "in process"), ("baseline", "in process"), ("baseline", "engine")])
+def test_pruning_by_the_reward_range_keeps_the_greedy_tokens(models, alpha, prior, via):
+    """With greedy decoding and the reward's range declared, candidates out of reach are not rolled out; the
+    tokens are those of rolling every candidate out (where Q does move the choice away from the prior's
+    argmax), and the other candidates' Q-values are unchanged."""
+    from engine_support import LoopEngine
+
+    policy, baseline = models
+    ids, mask = _prompts()
+    reward = TanhReward(seed=6, scale=2.0)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=EOS,
+              pad_token_id=PAD, return_dict_in_generate=True)
+    runs = []
+    for bounds in (None, (-1.0, 1.0)):
+        tq = TransferQ(baseline, reward, alpha=alpha, k=6, rollout_len=3, prior=prior, reward_bounds=bounds,
+                       engine=LoopEngine(baseline) if via == "engine" else None)
+        runs.append(AlignedModel(policy, strategy=tq).generate(**kw))
+    full, pruned = runs
+    assert torch.equal(full.sequences, pruned.sequences)
+    a, b = full.alignment, pruned.alignment
+    assert a["pruned_candidates"] == 0 < b["pruned_candidates"]
+    # (a pruned stop candidate had no rollout to save)
+    assert a["rollouts"] - b["pruned_candidates"] <= b["rollouts"] < a["rollouts"]
+    assert b["rollout_tokens"] < a["rollout_tokens"]
+    lowest = -1.0 if alpha > 0 else 1.0
+    moved = 0
+    for row, (prompt, gen) in enumerate(_rows(full, ids, mask)):
+        for t, (sf, sp) in enumerate(zip(a["trace"][row], b["trace"][row], strict=True)):
+            assert sf["candidates"] == sp["candidates"]
+            assert [lowest if gone else q for q, gone in zip(sf["q"], sp["pruned"])] == sp["q"]
+            moved += gen[t] != sf["candidates"][0]  # Q chose another token than the prior's argmax
+    _PRUNING_MOVED[(alpha, prior, via)] = moved
+
+
+_PRUNING_MOVED: dict = {}
+
+
+def test_pruning_cases_include_choices_that_q_moved(models):
+    """The comparisons above have teeth: in them Q often picks another token than the prior's argmax."""
+    for alpha in (0.5, 1.0, -1.0):
+        for prior, via in (("policy", "in process"), ("baseline", "in process"), ("baseline", "engine")):
+            if (alpha, prior, via) not in _PRUNING_MOVED:
+                test_pruning_by_the_reward_range_keeps_the_greedy_tokens(models, alpha, prior, via)
+    assert sum(moved > 0 for moved in _PRUNING_MOVED.values()) >= 5
+
+
+def test_pruning_needs_greedy_decoding_and_rewards_inside_the_declared_range(models):
+    policy, baseline = models
+    ids, mask = _prompts()
+    reward = TanhReward(seed=6, scale=2.0)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD,
+              return_dict_in_generate=True)
+    sampled = dict(kw, do_sample=True, top_k=0, seed=[1, 2])
+    common = dict(alpha=0.5, k=6, rollout_len=3)
+    plain = AlignedModel(policy, strategy=TransferQ(baseline, reward, **common)).generate(**sampled)
+    bounded = AlignedModel(policy, strategy=TransferQ(baseline, reward, reward_bounds=(-1, 1),
+                                                      **common)).generate(**sampled)
+    assert bounded.alignment["pruned_candidates"] == 0  # sampling needs every candidate's Q
+    assert torch.equal(plain.sequences, bounded.sequences)
+    too_narrow = TransferQ(baseline, reward, reward_bounds=(-0.01, 0.01), **common)
+    with pytest.raises(ValueError, match="outside reward_bounds"):
+        AlignedModel(policy, strategy=too_narrow).generate(**dict(kw, do_sample=False))
+
+
+@pytest.mark.parametrize("kwargs", [dict(reward_bounds=(1.0, 0.0)), dict(reward_bounds=(float("nan"), 1.0)),
+                                    dict(reward_bounds="(-1, 1)"), dict(reward_bounds=(0.0,)),
+                                    dict(reward_bounds=(-1, 1), transfer="indirect", normalize_weights=False,
+                                         baseline_reward=ConstantReward(0.0))])
+def test_bad_reward_bounds_are_named(models, kwargs):
+    with pytest.raises(ValueError, match="reward_bounds"):
+        TransferQ(models[1], IdReward(), **kwargs)

@@ -85,6 +85,73 @@ def test_qalign_through_a_backend_runs_the_same_chains(exact_model):
     assert "engine" not in QAlign(IdReward()).hyperparameters()
 
 
+def same_chains(a, b):
+    """Two QAlign traces are the same chains: every state, cut, proposal, reward and acceptance."""
+    assert a["states"] == b["states"] and a["proposals"] == b["proposals"]
+    for sa, sb in zip(a["state_logprobs"], b["state_logprobs"], strict=True):  # NaN where vLLM reports none
+        assert all(len(x) == len(y) and torch.allclose(torch.tensor(x), torch.tensor(y), rtol=0, atol=0, equal_nan=True)
+                   for x, y in zip(sa, sb, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(a["indices"], b["indices"]))
+    assert all(torch.equal(x, y) for x, y in zip(a["proposal_rewards"], b["proposal_rewards"]))
+    assert torch.equal(a["accepted"], b["accepted"]) and torch.equal(a["rewards"], b["rewards"])
+
+
+class SpreadReward(SequenceReward):
+    """A reward of token ids with few ties, 3 * (position-weighted sum of the ids mod 7): chains climb to
+    high values and then mostly reject (acceptance about 0.3 here), where pre-fetching has work to do."""
+
+    name = "spread"
+
+    def score_ids(self, prompt_ids, completion_ids):
+        return torch.tensor([float(3 * (sum((i + 1) * t for i, t in enumerate(c)) % 7)) for c in completion_ids])
+
+    def _score(self, prompts, completions):
+        raise AssertionError("this reward reads token ids")
+
+
+@pytest.mark.parametrize("length_cap", ["response", "suffix"])
+def test_prefetched_qalign_proposals_give_the_one_step_chains(exact_model, length_cap):
+    """Pre-fetching draws each chain's next proposals on the all-rejected branch in one engine call: the
+    chains must be exactly those drawn one step at a time (and in process), in fewer engine calls, with
+    proposals both used after a rejection and discarded after an acceptance."""
+    def run(engine, prefetch):
+        strategy = QAlign(SpreadReward(), beta=1.0, steps=7, chains=3, engine=engine, prefetch=prefetch,
+                          length_cap=length_cap)
+        return generate(exact_model, strategy, PROMPTS, do_sample=True, seed=[4, 5, 6], num_return_sequences=3)
+
+    in_process = run(None, 1)
+    for prefetch in (2, 3, 8):
+        engine = LoopEngine(exact_model)
+        out = run(engine, prefetch)
+        tr = out.alignment["trace"]
+        same_chains(in_process.alignment["trace"], tr)
+        assert torch.equal(in_process.sequences, out.sequences)
+        accepted = tr["accepted"][1:]
+        assert 0 < float(accepted.float().mean()) < 1
+        # State 0, then fewer calls than the 7 steps: every chain used a pre-fetched proposal after a
+        # rejection somewhere.
+        assert 1 < engine.calls < 8
+        # Each call, a chain's proposals after its first accepted one are drawn and discarded.
+        assert tr["discarded_proposals"] > 0
+        assert out.alignment["trace"]["forward_tokens"] > 0
+    assert QAlign(IdReward(), engine=engine, prefetch=3).hyperparameters()["prefetch"] == 3
+    assert not QAlign(IdReward(), engine=engine, prefetch=3).pipeline
+    assert in_process.alignment["trace"]["discarded_proposals"] is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prefetch": 0}, "prefetch .* must be an integer >= 1, got 0"),
+    ({"prefetch": 2.0}, "prefetch .* must be an integer >= 1, got 2.0"),
+    ({"prefetch": True}, "prefetch .* must be an integer >= 1, got True"),
+    ({"prefetch": 2, "pipeline": True}, "does not combine with pipeline=True"),
+])
+def test_qalign_prefetch_is_checked(exact_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QAlign(IdReward(), engine=LoopEngine(exact_model), **kwargs)
+    with pytest.raises(ValueError, match="prefetch=3 needs an engine"):
+        QAlign(IdReward(), prefetch=3)
+
+
 def test_transfer_q_rollouts_through_a_backend_are_the_same_rollouts(exact_model):
     def run(engine):
         strategy = TransferQ(exact_model, IdReward(), k=3, rollout_len=3, num_rollouts=2, rollout_sampling="sample",
@@ -295,13 +362,35 @@ def test_qalign_chain_bookkeeping_and_prefix_caching(engine):
         assert out.sequences[c, len(LONG):len(LONG) + n].tolist() == tr["states"][-1][c]
 
 
+@pytest.mark.vllm
+def test_prefetched_qalign_on_vllm_gives_the_one_step_chains(engine):
+    def run(prefetch, length_cap):
+        strategy = QAlign(IdReward(), beta=0.5, steps=6, chains=3, engine=engine.engine, prefetch=prefetch,
+                          pipeline=False, length_cap=length_cap)
+        return generate(engine.model, strategy, PROMPTS + [LONG], do_sample=True, seed=[1, 2, 3, 4],
+                        num_return_sequences=3)
+
+    for cap in ("response", "suffix"):
+        one = run(1, cap)
+        for prefetch in (2, 4):
+            out = run(prefetch, cap)
+            same_chains(one.alignment["trace"], out.alignment["trace"])
+            assert torch.equal(one.sequences, out.sequences)
+            tr = out.alignment["trace"]
+            assert 0 < float(tr["accepted"][1:].float().mean()) < 1 and tr["discarded_proposals"] > 0
+            assert tr["cached_tokens"] >= 6 * 3 * 32  # LONG's chains still hit the prefix cache every step
+
+
 VOCAB, CAP, PROMPT = 4, 3, [3, 2]
 
 
 @pytest.mark.vllm
-def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
+@pytest.mark.parametrize("prefetch", [1, 4])
+def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path, prefetch):
     """On an enumerable model (vocab 4, responses of at most 3 tokens), state 0 follows p and the long-run
-    state frequencies follow p * exp(r / beta): vLLM's sampler has our law even where its draws differ."""
+    state frequencies follow p * exp(r / beta): vLLM's sampler has our law even where its draws differ.
+    prefetch=1 runs the pipelined chains (the default with the response cap), 4 lockstep chains with
+    pre-fetched proposals."""
     from align_decode.serving.engines import VLLMEngine
 
     policy = tiny_llama(VOCAB, seed=51, init=0.1)
@@ -318,7 +407,8 @@ def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
                           skip_tokenizer_init=True)
     try:
         chains, steps, burn_in = 500, 30, 10
-        strategy = QAlign(TableReward(table), beta=1.0, steps=steps, chains=chains, engine=engine)
+        strategy = QAlign(TableReward(table), beta=1.0, steps=steps, chains=chains, engine=engine, prefetch=prefetch)
+        assert strategy.pipeline == (prefetch == 1)
         out = engine_generate(strategy, engine, [PROMPT], max_new_tokens=CAP, do_sample=True, top_k=0,
                               eos_token_id=EOS, pad_token_id=PAD, seed=11, num_return_sequences=chains)
     finally:
@@ -330,6 +420,7 @@ def test_qalign_through_vllm_samples_the_target_law(vllm_env, tmp_path):
     total = sum(visits.values())
     tv = 0.5 * sum(abs(visits.get(y, 0) / total - target[y]) for y in states)
     assert tv < 0.06, tv
+    assert (trace["discarded_proposals"] or 0) > 0 if prefetch > 1 else trace["discarded_proposals"] is None
 
 
 @pytest.mark.vllm

@@ -32,6 +32,26 @@ One step:
     in, c * sum_i w_i * guide_i to the request's row (c = temperature, or 1 when greedy; see
     `vllm_plugin.batch`). Requests that do not opt in keep the policy's logits.
 
+Idle steps
+----------
+A step in which no request opts in skips the guides' forwards: the processor's `update_state` (which
+model runner V1 calls before the forward of the same step) sets a process-local switch in `handoff`,
+the model then returns the policy's hidden states alone and `compute_logits` hands over nothing. The
+idle cost of a composite engine is then the policy's forward plus a Python check per step. Guided
+requests are unaffected: a step runs the guides for every token in it as soon as one row opts in, so a
+guided request's guide KV is always complete. The tokens of a skipped step have no guide KV; the
+request that owns them never needs it (its opt-in is fixed by its sampling parameters), but under
+prefix caching a later guided request could reuse those blocks. So guided requests get their own cache
+salt: as the engine core admits a request (before its block hashes are computed) a hook applies the
+processor's rule (`guidance.OptInRule`, rebuilt from the engine's config: the engine core may be another
+process), salts the request if it opts in, and stamps the answer with the rule's fingerprint into its
+extra_args; the processor checks every stamp, and an unstamped or mis-stamped request turns skipping off
+for the engine's life. Guided and unguided requests therefore never share cached blocks (guided ones
+still share among themselves); with prefix caching off no salt is needed. Skipping is off under full
+CUDA graphs, with a KV-transfer connector, and with ALIGN_DECODE_COMPOSITE_IDLE_SKIP=0; the start-up
+line says which, and the first skipped step is logged once. The model counts its forwards in
+`guided_steps` and `skipped_steps`.
+
 Raw guide logits are mixed, not log-softmaxes: a per-row constant does not change the law. Columns a
 guide cannot score (past the width it shares with the policy tokenizer) are -inf for guided rows.
 
@@ -43,9 +63,12 @@ an `align_decode` entry naming the policy and guide folders (absolute paths), th
 (copied, a few MB), and the policy's safetensors symlinked (no weight copies). vLLM reads the policy
 weights through the symlinks; each guide's weights are read from its own folder.
 
-Limits of this path (use the processor path, $ALIGN_DECODE_GUIDES, for these):
+Limits of this path (use the processor path, $ALIGN_DECODE_GUIDES, for model runner V2 and for guides
+it cannot pack):
   * a prompted ARM (the policy under another system prompt) needs its own prefix, which cannot share
-    the policy's token sequence: refused by the build command.
+    the policy's token sequence: refused by the build command. The processor path loads trained guide
+    folders only, so neither vLLM path serves one; `align-decode serve` (genarm with arm_prompt, on the
+    Hugging Face backend) does.
   * guides must share the policy's tokenizer (checked at build time).
   * guides of another size (weak-to-strong) are packed as they are; whether the engine accepts several
     layer shapes depends on vLLM's KV-cache grouping (see the tests and RESULTS.md).
@@ -72,6 +95,57 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     _hook_admission()
+    _hook_requests()
+    _share_vllm_logging()
+
+
+def _share_vllm_logging() -> None:
+    """Send align-decode's serving log lines (the start-up lines saying which guides are served and
+    how) through vLLM's own handler, at its level: vLLM configures only its `vllm` logger, so an INFO
+    line from another package would not reach the server log. Left alone if already configured."""
+    import logging
+
+    ours, theirs = logging.getLogger("align_decode.serving"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False  # as vLLM's own logger: no second copy through the root logger
+
+
+def _hook_requests() -> None:
+    """Stamp and salt each request as the engine core admits it, before its prefix-cache block hashes
+    are computed (`guidance.stamp_request`; package docstring, "Idle steps"). The engine core may live in
+    another process than the model and its processor (vLLM's multiprocess executor), so it applies the
+    same rule itself, built from its own config. Engines serving other models are left untouched.
+    Best effort: without the hook requests are unstamped, and the processor then never skips the guides."""
+    try:
+        from vllm.v1.engine import core
+    except Exception:  # pragma: no cover - another vLLM layout
+        return
+    original = core.EngineCore.preprocess_add_request
+    if getattr(original, "_align_decode", False):
+        return
+
+    def preprocess_add_request(self, request, *args, **kwargs):
+        rule = self.__dict__.get("_align_decode_rule", False)
+        if rule is False:  # built once per engine core
+            from .guidance import OptInRule
+
+            try:
+                rule = OptInRule.for_engine(self.vllm_config)
+            except Exception:  # never refuse requests over this: unstamped, they only turn skipping off
+                rule = None
+            self._align_decode_rule = rule
+        if rule is not None:
+            from .guidance import stamp_request
+
+            stamp_request(rule, request)
+        return original(self, request, *args, **kwargs)
+
+    preprocess_add_request._align_decode = True
+    core.EngineCore.preprocess_add_request = preprocess_add_request
 
 
 def _hook_admission() -> None:

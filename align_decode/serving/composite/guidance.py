@@ -4,17 +4,116 @@ which weights, and the mixing of the scores the composite model handed over this
 No guide runs here and no token is read: the guides ran inside vLLM's forward. A request's state is
 its weights (c * w_i per packed guide, c = temperature or 1 for greedy), kept at its batch index
 through vLLM's `BatchUpdate`s (removed, added, moved: in that order).
+
+It also sets the per-step switch that lets the model skip its guides when no row of the step opts in
+(package docstring, "Idle steps"); `idle_skip` says whether an engine allows that at all.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Callable
 
 import torch
 
 from ..vllm_plugin.batch import apply_moves
+from ..vllm_plugin.config import GuideConfig, GuideSpec, RequestGuidance, parse_request
 from . import handoff
 from .spec import CompositeSpec
+
+logger = logging.getLogger(__name__)
+
+IDLE_SKIP_ENV = "ALIGN_DECODE_COMPOSITE_IDLE_SKIP"
+
+
+def with_packed(config: GuideConfig, names) -> GuideConfig:
+    """The server's configuration plus the guides packed in a composite model (served in-engine)."""
+    names = [n for n in names if n not in config.guides]
+    if not names:
+        return config
+    packed = {n: GuideSpec(n, "<composite model>") for n in names}
+    return GuideConfig({**config.guides, **packed}, config.source)
+
+
+def only(guidance: RequestGuidance | None, names) -> RequestGuidance | None:
+    """The part of a request's guidance that names guides in `names` (None if nothing is left)."""
+    if not guidance:
+        return None
+    kept = tuple((n, w) for n, w in guidance.weights if n in names)
+    return RequestGuidance(kept) if kept else None
+
+
+class OptInRule:
+    """Which packed guides a request asks for: one pure function of its extra_args, the packed names
+    and the processor-path configuration, computed alike by the logits processor (in the worker) and by
+    the engine core's admission hook (which may be another process). `fingerprint` names the inputs, so
+    the processor can tell that a stamp was made by the same rule.
+    """
+
+    def __init__(self, packed, config: GuideConfig, on_error: Callable | None = None):
+        import hashlib
+        import json
+
+        self.packed = tuple(packed)
+        self.config = with_packed(config, self.packed)
+        self.on_error = on_error
+        key = json.dumps([sorted(self.packed), sorted(config.guides)])
+        self.fingerprint = hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def guidance(self, params) -> RequestGuidance | None:
+        try:
+            return only(parse_request(getattr(params, "extra_args", None), self.config), self.packed)
+        except ValueError as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            return None
+
+    def stamp(self, params, guided: bool | None = None) -> str:
+        if guided is None:
+            guided = bool(self.guidance(params))
+        return f"{self.fingerprint}:{int(guided)}"
+
+    @classmethod
+    def for_engine(cls, vllm_config) -> "OptInRule | None":
+        """The rule of an engine serving a composite model (None for any other model)."""
+        from ..vllm_plugin.config import guide_config
+
+        spec = CompositeSpec.from_hf_config(getattr(getattr(vllm_config, "model_config", None), "hf_config", None))
+        if spec is None:
+            return None
+        return cls(spec.names(), guide_config())
+
+
+def stamp_request(rule: OptInRule, request) -> None:
+    """Admission (engine core, before the request's prefix-cache block hashes exist): stamp the rule's
+    answer into the request's extra_args and give a guided request its own cache salt."""
+    params = getattr(request, "sampling_params", None)
+    if params is None:
+        return
+    guided = bool(rule.guidance(params))
+    params.extra_args = {**(params.extra_args or {}), handoff.MARK: rule.stamp(params, guided)}
+    if guided:
+        request.cache_salt = (request.cache_salt or "") + handoff.SALT
+
+
+def idle_skip(vllm_config) -> tuple[bool, bool, str]:
+    """(allowed, needs_stamps, why): whether this engine may skip the guides in steps where no request
+    opts in, and whether that relies on guided requests being salted at admission (prefix caching on).
+
+    Refused where a skipped step could be replayed or read by another path: full CUDA graphs (captured
+    with the guides; a replay cannot skip them, and a graph captured without them could not run them),
+    KV-transfer connectors (cached KV written elsewhere), or when $ALIGN_DECODE_COMPOSITE_IDLE_SKIP=0.
+    """
+    if os.environ.get(IDLE_SKIP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False, False, f"{IDLE_SKIP_ENV} is off"
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is not None and getattr(mode, "has_full_cudagraphs", lambda: False)():
+        return False, False, "full CUDA graphs are captured with the guides"
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        return False, False, "a KV-transfer connector may supply KV the guides did not write"
+    caching = bool(getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False))
+    return True, caching, ("guided requests get their own prefix-cache salt" if caching else "prefix caching is off")
 
 
 class CompositeV1Guidance:
@@ -22,9 +121,11 @@ class CompositeV1Guidance:
         spec: the composite model's guides (their order is the order of the scores handed over).
         parse: SamplingParams -> RequestGuidance | None, restricted to the packed guides.
         scale: SamplingParams -> c.
+        skip: (allowed, needs_stamps) from `idle_skip`; default: never skip the guides.
     """
 
-    def __init__(self, spec: CompositeSpec, parse: Callable, scale: Callable):
+    def __init__(self, spec: CompositeSpec, parse: Callable, scale: Callable, skip: tuple[bool, bool] = (False, False),
+                 fingerprint: str | None = None):
         self.spec = spec
         self.index = {g.name: i for i, g in enumerate(spec.guides)}
         self.widths = [g.width for g in spec.guides]
@@ -32,16 +133,41 @@ class CompositeV1Guidance:
         self.scale = scale
         self.by_index: dict[int, list[float]] = {}
         self._cache: tuple | None = None  # (rows, weights [G, n]) rebuilt when the batch changes
+        # Under prefix caching, skipping relies on the admission stamps of `parse`'s rule.
+        self.fingerprint = fingerprint
+        self.skip = bool(skip[0]) and (not skip[1] or fingerprint is not None)
+        self.needs_stamps = bool(skip[1])
+        self.skipped_once = False
+        handoff.set_guides_needed(True)
+
+    def _check_stamp(self, params, guided: bool) -> None:
+        """Skipping stays safe only while every request was salted by this processor's own rule."""
+        stamp = (getattr(params, "extra_args", None) or {}).get(handoff.MARK)
+        if stamp != f"{self.fingerprint}:{int(guided)}":
+            self.skip = False
+            logger.warning("align-decode composite: a request was not stamped at admission by this engine's "
+                           "rule (stamp %r, expected %s:%d), so it may share prefix-cache blocks with requests "
+                           "of the other kind; the guides now run in every step", stamp, self.fingerprint, guided)
 
     def update_state(self, batch_update) -> None:
-        if batch_update is None:
-            return
+        if batch_update is not None:
+            self._update(batch_update)
+        # The model reads this in the forward of the step whose batch this is.
+        needed = bool(self.by_index) or not self.skip
+        handoff.set_guides_needed(needed)
+        if not needed and not self.skipped_once:
+            self.skipped_once = True
+            logger.info("align-decode composite: a step without guided requests: guide forwards skipped")
+
+    def _update(self, batch_update) -> None:
         changed = False
         for index in batch_update.removed:
             changed |= self.by_index.pop(index, None) is not None
         for index, params, _prompt, _output in batch_update.added:
             changed |= self.by_index.pop(index, None) is not None
             guidance = self.parse(params)
+            if self.skip and self.needs_stamps:
+                self._check_stamp(params, bool(guidance))
             if not guidance:
                 continue
             c = self.scale(params)

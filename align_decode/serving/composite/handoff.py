@@ -6,6 +6,10 @@ same process and before anything else computes logits for sampling, runs the log
 those rows. The model publishes one [rows, vocab] tensor per guide; the processor takes them and
 checks that the row count matches the logits it was given (a mismatch raises rather than mixing the
 wrong rows).
+
+The same module carries the other way the processor's state reaches the model: the per-step switch
+that skips the guides when no row opts in, and the admission stamp that makes skipping safe under
+prefix caching (package docstring, "Idle steps").
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def take(rows: int) -> list:
     if scores is None:
         raise RuntimeError("align-decode: the composite model published no guide scores for this step "
                            "(is the processor running in the model's process, on model runner V1?)")
+    if scores is SKIPPED:
+        raise RuntimeError("align-decode: the composite model skipped its guides in a step with a guided "
+                           "row (the processor's per-step switch and its batch disagree)")
     if any(s.shape[0] != rows for s in scores):
         raise RuntimeError(f"align-decode: guide scores have {scores[0].shape[0]} rows but the sampler has "
                            f"{rows} (speculative decoding and pipeline parallelism are not supported)")
@@ -50,3 +57,35 @@ def take(rows: int) -> list:
 def clear() -> None:
     with _lock:
         _slot["scores"] = None
+
+
+# ------------------------------------------------------------------------ idle steps (no guided row)
+# Whether this step's forward must run the guides. The logits processor decides it in `update_state`,
+# which vLLM's model runner V1 calls before the forward of the same step; the model reads it. It starts
+# (and is reset by each new model) at True: profiling and warm-up forwards run the guides.
+_step: dict = {"guides": True}
+SKIPPED = object()  # published instead of scores when the guides did not run
+
+
+def set_guides_needed(flag: bool) -> None:
+    _step["guides"] = bool(flag)
+
+
+def guides_needed() -> bool:
+    return _step["guides"]
+
+
+def publish_skipped() -> None:
+    with _lock:
+        _slot["scores"] = SKIPPED
+        _slot["step"] += 1
+
+
+# ------------------------------------------------------------------------ admission: which requests opt in
+# A request whose guides are skipped in a step leaves that step's guide KV unwritten. Under prefix
+# caching another request could later read those blocks, so guided requests are given their own cache
+# salt. The engine core's admission hook (package `register`) applies the processor's rule
+# (`guidance.OptInRule`) and stamps its answer, with the rule's fingerprint, into the request's
+# extra_args, so the processor can check that every request it sees was salted by its own rule.
+MARK = "align_decode_kv"
+SALT = "\x00align-decode:guided"

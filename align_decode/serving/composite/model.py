@@ -68,6 +68,9 @@ class AlignDecodeGuidedForCausalLM(nn.Module):
         self.sizes = sizes
         self.make_empty_intermediate_tensors = getattr(self.policy, "make_empty_intermediate_tensors", None)
         handoff.announce(spec.names())
+        handoff.set_guides_needed(True)  # profiling and warm-up forwards run the guides
+        self.guided_steps = 0  # forwards that ran the guides / that skipped them (idle steps)
+        self.skipped_steps = 0
         logger.info("align-decode composite model: policy %s, guides %s (run inside vLLM)",
                     spec.policy, ", ".join(f"{g.name}={g.path}" for g in spec.guides))
 
@@ -81,13 +84,22 @@ class AlignDecodeGuidedForCausalLM(nn.Module):
         if input_ids is None:
             raise CompositeError("the composite guided model needs token ids (prompt embeddings are not "
                                  "supported: the guides could not read them)")
-        hidden = [self.policy(input_ids, positions, intermediate_tensors, inputs_embeds)]
-        for guide in self.guides.values():
-            hidden.append(guide(input_ids, positions, None, None))
+        hidden = self.policy(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if not handoff.guides_needed():
+            # No request of this step opts in (the processor's switch; see the package docstring,
+            # "Idle steps"): the guides' KV for these tokens is left unwritten, which only requests
+            # that never read guide scores, and never share cached blocks with guided ones, can afford.
+            self.skipped_steps += 1
+            return hidden
+        self.guided_steps += 1
+        parts = [hidden] + [guide(input_ids, positions, None, None) for guide in self.guides.values()]
         # One tensor: vLLM indexes the rows it samples from, the same rows for every model.
-        return torch.cat(hidden, dim=-1)
+        return torch.cat(parts, dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if hidden_states.shape[-1] == self.sizes[0]:  # the guides were skipped this step
+            handoff.publish_skipped()
+            return self.policy.compute_logits(hidden_states)
         parts = torch.split(hidden_states, self.sizes, dim=-1)
         logits = self.policy.compute_logits(parts[0])
         handoff.publish([g.compute_logits(h) for g, h in zip(self.guides.values(), parts[1:])])

@@ -116,9 +116,12 @@ def parse_guide_option(value: str) -> tuple[str, str]:
         raise CompositeError(f"--guide takes NAME=DIR, got {value!r}")
     if path.startswith("prompt:") or path.startswith("prompted:"):
         raise CompositeError(
-            f"guide {name!r} is a prompted ARM: its rows need their own prefix (another system prompt), "
-            "which cannot share the policy's sequence inside one model; serve it through the logits "
-            "processor ($ALIGN_DECODE_GUIDES) instead")
+            f"guide {name!r} is a prompted ARM (a model read under another instruction): it cannot be packed, "
+            "because every packed guide reads exactly the policy's token sequence, and its prompt would need "
+            "its own prefix. The vLLM logits-processor path ($ALIGN_DECODE_GUIDES) does not take prompted "
+            "ARMs either (it loads trained guide folders). Serve it with `align-decode serve` (method genarm "
+            "with arm_prompt, run in process on the Hugging Face backend), or train an ARM "
+            "(`align-decode train-arm`) and pack that")
     return name.strip(), path.strip()
 
 

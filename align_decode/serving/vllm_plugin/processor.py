@@ -20,9 +20,13 @@ import logging
 
 import torch
 
+# The composite model's request rule, shared with the engine core's admission hook.
+from ..composite.guidance import OptInRule
+from ..composite.guidance import only as _only
+from ..composite.guidance import with_packed as _with_packed
 from .bank import PolicyVocab, shared_bank
 from .batch import GuidedBatch
-from .config import REQUEST_KEY, GuidanceConfigError, GuideConfig, GuideSpec, RequestGuidance, guide_config, parse_request
+from .config import REQUEST_KEY, GuidanceConfigError, RequestGuidance, guide_config, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +52,6 @@ def request_scale(params) -> float:
         return 1.0
     t = float(params.temperature)
     return t if t >= 1e-5 else 1.0
-
-
-def _with_packed(config: GuideConfig, names) -> GuideConfig:
-    """The server's configuration plus the guides packed in a composite model (served in-engine)."""
-    names = [n for n in names if n not in config.guides]
-    if not names:
-        return config
-    packed = {n: GuideSpec(n, "<composite model>") for n in names}
-    return GuideConfig({**config.guides, **packed}, config.source)
-
-
-def _only(guidance: RequestGuidance | None, names) -> RequestGuidance | None:
-    if not guidance:
-        return None
-    kept = tuple((n, w) for n, w in guidance.weights if n in names)
-    return RequestGuidance(kept) if kept else None
 
 
 class GuidanceLogitsProcessor(*_BASES):
@@ -139,13 +127,18 @@ class GuidanceLogitsProcessor(*_BASES):
             raise ValueError("the align-decode composite model hands guide scores to model runner V1 only; "
                              "set VLLM_USE_V2_MODEL_RUNNER=0")
         from ..composite import handoff
-        from ..composite.guidance import CompositeV1Guidance
+        from ..composite.guidance import CompositeV1Guidance, idle_skip
 
         handoff.announce(spec.names())
         self._packed = tuple(spec.names())
-        self._composite = CompositeV1Guidance(spec, lambda p: _only(self._parse_all(p), self._packed),
-                                              request_scale)
-        logger.info("align-decode guidance ready (composite model, in-engine guides): %s", ", ".join(self._packed))
+        allowed, stamps, why = idle_skip(vllm_config)
+        rule = OptInRule(self._packed, self.config,
+                         on_error=lambda e: logger.error("align-decode: request guidance ignored: %s", e))
+        self._composite = CompositeV1Guidance(spec, rule.guidance, request_scale, skip=(allowed, stamps),
+                                              fingerprint=rule.fingerprint)
+        logger.info("align-decode guidance ready (composite model, in-engine guides): %s; guide forwards %s (%s)",
+                    ", ".join(self._packed), "skipped in steps where no request opts in" if allowed
+                    else "run in every step", why)
 
     def _parse_all(self, params) -> RequestGuidance | None:
         try:

@@ -44,13 +44,18 @@ def test_the_command_writes_a_folder_that_links_the_weights(paths, tmp_path):
     again = CliRunner().invoke(cli, ["build-composite", "--policy", str(paths["policy"]), "--guide",
                                      f"helpful={paths['arm']}", "--out", str(out)])
     assert again.exit_code != 0 and "not empty" in again.output
+    prompted = CliRunner().invoke(cli, ["build-composite", "--policy", str(paths["policy"]), "--guide",
+                                        "polite=prompt:Answer politely.", "--out", str(tmp_path / "p")])
+    assert prompted.exit_code != 0 and "prompted ARM" in prompted.output and "align-decode serve" in prompted.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_refusals_say_why(paths, tmp_path):
     from align_decode.serving.composite.spec import CompositeError, build_composite, parse_guide_option
     from tiny import tiny_llama, tiny_tokenizer
 
-    with pytest.raises(CompositeError, match="prompted ARM.*ALIGN_DECODE_GUIDES"):
+    with pytest.raises(CompositeError, match="prompted ARM.*cannot be packed.*ALIGN_DECODE_GUIDES.*either"
+                                             ".*align-decode serve.*arm_prompt"):
         parse_guide_option("polite=prompt:Be polite.")
     with pytest.raises(CompositeError, match="NAME=DIR"):
         parse_guide_option("just-a-folder")
@@ -125,3 +130,91 @@ def test_admission_in_a_front_end_process_learns_the_packed_guides(paths, tmp_pa
     with pytest.raises(Exception):  # the stand-in config is not a real VllmConfig; the hook runs first
         ip.InputProcessor(cfg)
     assert "zeta-guide" in handoff.known_guides()
+
+
+def test_idle_steps_skip_the_guides_only_when_it_is_safe(monkeypatch):
+    """The per-step switch: off while a guided row is in the batch, and for good once a request arrives
+    that was not stamped (and salted) at admission by the processor's own rule."""
+    from align_decode.serving.composite import handoff
+    from align_decode.serving.composite.guidance import (IDLE_SKIP_ENV, CompositeV1Guidance, OptInRule, idle_skip,
+                                                         stamp_request)
+    from align_decode.serving.composite.spec import CompositeSpec, PackedGuide
+    from align_decode.serving.vllm_plugin.config import GuideConfig
+
+    def engine(caching=True, full=False, kv=None):
+        return SimpleNamespace(cache_config=SimpleNamespace(enable_prefix_caching=caching), kv_transfer_config=kv,
+                               compilation_config=SimpleNamespace(cudagraph_mode=SimpleNamespace(has_full_cudagraphs=lambda: full)))
+
+    assert idle_skip(engine())[:2] == (True, True)
+    assert idle_skip(engine(caching=False))[:2] == (True, False)
+    assert idle_skip(engine(full=True))[0] is False and idle_skip(engine(kv=object()))[0] is False
+    monkeypatch.setenv(IDLE_SKIP_ENV, "0")
+    assert idle_skip(engine())[0] is False
+    monkeypatch.delenv(IDLE_SKIP_ENV)
+
+    spec = CompositeSpec("/p", (PackedGuide("a", "/a", width=6),))
+    rule = OptInRule(["a"], GuideConfig())
+    impl = CompositeV1Guidance(spec, rule.guidance, lambda p: 1.0, skip=(True, True), fingerprint=rule.fingerprint)
+    assert impl.skip and handoff.guides_needed()  # until the first batch says otherwise (profiling runs)
+
+    def admitted(guides, salt=None):  # a request as the engine core's admission hook leaves it
+        request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={"align_decode": {"guides": guides}}),
+                                  cache_salt=salt)
+        stamp_request(rule, request)
+        return request
+
+    plain, guided, user = admitted({}), admitted({"a": 1.0}), admitted({"a": 0.5}, salt="user")
+    assert (plain.cache_salt, guided.cache_salt, user.cache_salt) == (None, handoff.SALT, "user" + handoff.SALT)
+    impl.update_state(_update(added=[(0, plain.sampling_params, None, [])]))
+    assert not handoff.guides_needed()
+    impl.update_state(_update(added=[(1, guided.sampling_params, None, [])]))
+    assert handoff.guides_needed()
+    impl.update_state(_update(removed=[1]))
+    assert not handoff.guides_needed()
+    impl.update_state(None)
+    assert not handoff.guides_needed()
+    # Stamped by another rule (another engine's guides or configuration), or not at all: skipping
+    # stops for good.
+    other = OptInRule(["a", "b"], GuideConfig())
+    stranger = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None), cache_salt=None)
+    stamp_request(other, stranger)
+    impl.update_state(_update(added=[(1, stranger.sampling_params, None, [])]))
+    assert handoff.guides_needed() and not impl.skip
+    impl.update_state(_update(removed=[0, 1]))
+    assert handoff.guides_needed()
+    # Without skipping allowed (or without a rule to check stamps against) the guides always run.
+    for never in (CompositeV1Guidance(spec, rule.guidance, lambda p: 1.0),
+                  CompositeV1Guidance(spec, rule.guidance, lambda p: 1.0, skip=(True, True))):
+        never.update_state(_update(added=[(0, plain.sampling_params, None, [])]))
+        assert handoff.guides_needed()
+
+
+@pytest.mark.vllm
+def test_the_engine_core_hook_stamps_requests_of_composite_engines_only(paths, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
+    from transformers import AutoConfig
+    from vllm import SamplingParams
+    from vllm.v1.engine import core
+
+    from align_decode.serving.composite import handoff, register
+    from align_decode.serving.composite.spec import build_composite
+
+    register()
+    hook = core.EngineCore.preprocess_add_request
+    assert getattr(hook, "_align_decode", False)
+    build_composite(paths["policy"], {"a": paths["arm"]}, tmp_path / "c")
+
+    def admit(folder, extra):
+        engine = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(
+            hf_config=AutoConfig.from_pretrained(folder))))
+        request = SimpleNamespace(sampling_params=SamplingParams(max_tokens=1, extra_args=extra), cache_salt=None)
+        with pytest.raises(Exception):  # the stand-in engine has nothing else: the original fails after the hook
+            hook(engine, request)
+        return request
+
+    g = admit(tmp_path / "c", {"align_decode": '{"guides": {"a": 1.0}}'})
+    assert g.cache_salt == handoff.SALT and g.sampling_params.extra_args[handoff.MARK].endswith(":1")
+    p = admit(tmp_path / "c", None)
+    assert p.cache_salt is None and p.sampling_params.extra_args[handoff.MARK].endswith(":0")
+    other = admit(paths["policy"], {"align_decode": '{"guides": {"a": 1.0}}'})  # not a composite model
+    assert other.cache_salt is None and handoff.MARK not in other.sampling_params.extra_args
