@@ -57,6 +57,20 @@ def plain(**kw):
     return SamplingParams(**kw)
 
 
+def record_preemptions(llm) -> list:
+    """The ids of requests the in-process engine's scheduler preempts from now on (filled as it runs)."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    preempted = []
+    original = scheduler._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting
+    return preempted
+
+
 def shutdown(llm) -> None:
     engine = getattr(llm, "llm_engine", None)
     if engine is not None and hasattr(engine, "engine_core"):

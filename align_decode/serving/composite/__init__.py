@@ -120,15 +120,8 @@ def _hook_requests() -> None:
     another process than the model and its processor (vLLM's multiprocess executor), so it applies the
     same rule itself, built from its own config. Engines serving other models are left untouched.
     Best effort: without the hook requests are unstamped, and the processor then never skips the guides."""
-    try:
-        from vllm.v1.engine import core
-    except Exception:  # pragma: no cover - another vLLM layout
-        return
-    original = core.EngineCore.preprocess_add_request
-    if getattr(original, "_align_decode", False):
-        return
 
-    def preprocess_add_request(self, request, *args, **kwargs):
+    def preprocess_add_request(original, self, request, *args, **kwargs):
         rule = self.__dict__.get("_align_decode_rule", False)
         if rule is False:  # built once per engine core
             from .guidance import OptInRule
@@ -144,8 +137,7 @@ def _hook_requests() -> None:
             stamp_request(rule, request)
         return original(self, request, *args, **kwargs)
 
-    preprocess_add_request._align_decode = True
-    core.EngineCore.preprocess_add_request = preprocess_add_request
+    _wrap_once("vllm.v1.engine.core", "EngineCore", "preprocess_add_request", preprocess_add_request)
 
 
 def _hook_admission() -> None:
@@ -156,15 +148,8 @@ def _hook_admission() -> None:
     announces the composite's guides there. Best effort: on a vLLM without that class, requests naming
     packed guides are still checked in the engine (and served unguided, with an error logged, if wrong).
     """
-    try:
-        from vllm.v1.engine import input_processor as ip
-    except Exception:  # pragma: no cover - another vLLM layout
-        return
-    original = ip.InputProcessor.__init__
-    if getattr(original, "_align_decode", False):
-        return
 
-    def __init__(self, vllm_config, *args, **kwargs):
+    def __init__(original, self, vllm_config, *args, **kwargs):
         try:
             from . import handoff
             from .spec import CompositeSpec
@@ -176,8 +161,28 @@ def _hook_admission() -> None:
             pass
         original(self, vllm_config, *args, **kwargs)
 
-    __init__._align_decode = True
-    ip.InputProcessor.__init__ = __init__
+    _wrap_once("vllm.v1.engine.input_processor", "InputProcessor", "__init__", __init__)
+
+
+def _wrap_once(module: str, cls: str, method: str, wrapper) -> None:
+    """Replace `module.cls.method` by `wrapper(original, self, ...)`, once per process (registration may
+    run several times). A vLLM without that class is left alone: the hooks are best effort."""
+    import functools
+    import importlib
+
+    try:
+        owner = getattr(importlib.import_module(module), cls)
+    except Exception:  # pragma: no cover - another vLLM layout
+        return
+    original = getattr(owner, method)
+    if getattr(original, "_align_decode", False):
+        return
+    @functools.wraps(original)
+    def hooked(self, *args, **kwargs):
+        return wrapper(original, self, *args, **kwargs)
+
+    hooked._align_decode = True
+    setattr(owner, method, hooked)
 
 
 __all__ = ["ARCHITECTURE", "CONFIG_KEY", "MODEL_CLASS", "register"]

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
 
 from vllm_support import (check_greedy_equals_hugging_face, check_mixed_batch, check_sampled_law,  # noqa: E402
-                          guided, hf_greedy, load, plain, run, save_models, shutdown)
+                          guided, hf_greedy, load, plain, record_preemptions, run, save_models, shutdown)
 
 pytestmark = pytest.mark.vllm
 
@@ -145,15 +145,7 @@ def test_preempted_requests_keep_exact_guidance(models):
             prompts = [[2] + [6 + (i * 7 + j) % 50 for j in range(12 + 2 * i)] for i in range(8)]
             weights = [{"arm": 1.0}, {"arm": 0.5, "arm2": 1.5}]
             params = [guided(weights[i % 2], temperature=0, max_tokens=24) for i in range(8)]
-            scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-            preempted = []
-            original = scheduler._preempt_request
-
-            def counting(request, *args, **kwargs):
-                preempted.append(request.request_id)
-                return original(request, *args, **kwargs)
-
-            scheduler._preempt_request = counting
+            preempted = record_preemptions(llm)
             got = run(llm, prompts, params)
             assert preempted, "the test meant to force preemption"
             assert got == [hf_greedy(paths, refs, p, weights[i % 2], 24) for i, p in enumerate(prompts)]

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup-vllm.sh)")
 
-from vllm_support import guided, hf_greedy, load, plain, run, save_models, shutdown  # noqa: E402
+from vllm_support import guided, hf_greedy, load, plain, record_preemptions, run, save_models, shutdown  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -154,15 +154,7 @@ def test_preemption_with_guided_and_unguided_requests_under_skipping(setup):
             model = composite_model(llm)
             prompts = [[2] + [6 + (i * 7 + j) % 50 for j in range(12 + 2 * i)] for i in range(8)]
             weights = [{"arm": 1.0}, {}, {"arm": 0.5, "arm2": 1.5}, {}, {}, {}, {}, {"arm": 1.0}]
-            scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-            preempted = []
-            original = scheduler._preempt_request
-
-            def counting(request, *args, **kwargs):
-                preempted.append(request.request_id)
-                return original(request, *args, **kwargs)
-
-            scheduler._preempt_request = counting
+            preempted = record_preemptions(llm)
             got = run(llm, prompts, [guided(w, temperature=0, max_tokens=24) for w in weights])
             assert preempted, "the test meant to force preemption"
             assert model.skipped_steps > 0 and model.guided_steps > 0
